@@ -1,0 +1,125 @@
+"""Stage-1 files: upstream's mm_projector.bin (exact keys), the contrastive head beside it, and
+configs that upstream tools still load. Every file this project reads back is loaded with
+``weights_only=True`` or safetensors."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .compat import LlavaConfig, llava_trainer
+
+PROJECTOR_FILE = "mm_projector.bin"
+HEAD_FILE = "contrastive_head.safetensors"
+HEAD_CONFIG_FILE = "contrastive_config.json"
+PROJECTOR_KEYS = ("mm_projector", "vision_resampler")  # what upstream's checkpoint save matches
+
+
+def gathered(named_params: Iterable[Tuple[str, torch.Tensor]], keys: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """CPU copies of the parameters whose name contains one of ``keys``, gathered under ZeRO-3
+    (upstream's own helper, so the keys and shapes are exactly upstream's)."""
+    return llava_trainer.get_mm_adapter_state_maybe_zero_3(named_params, list(keys))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def head_state(model) -> Dict[str, torch.Tensor]:
+    """Parameters (gathered) and buffers (queue) of the contrastive head, keys relative to it."""
+    head = model.contrastive_head
+    params = gathered(head.named_parameters(), [""])
+    buffers = {k: v.detach().cpu().clone() for k, v in head.named_buffers()}
+    return {**params, **buffers}
+
+
+def upstream_config_dict(config) -> dict:
+    """The model config as upstream's ``llava_llama`` type (contrastive settings kept as data)."""
+    d = config.to_dict()
+    d["model_type"] = LlavaConfig.model_type
+    d["architectures"] = ["LlavaLlamaForCausalLM"]
+    return d
+
+
+def save_stage1(model, output_dir: str, is_main: bool, use_im_start_end: bool = False) -> None:
+    """mm_projector.bin (upstream keys), config.json (upstream type), and the contrastive head.
+    Collective under ZeRO-3: every rank must call it."""
+    keys = list(PROJECTOR_KEYS) + (["embed_tokens", "embed_in"] if use_im_start_end else [])
+    projector = gathered(model.named_parameters(), keys)
+    head = head_state(model) if getattr(model, "contrastive_head", None) is not None else None
+    if not is_main:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    LlavaConfig.from_dict(upstream_config_dict(model.config)).save_pretrained(output_dir)
+    atomic_torch_save(projector, os.path.join(output_dir, PROJECTOR_FILE))
+    if head is not None:
+        tmp = os.path.join(output_dir, f"{HEAD_FILE}.tmp-{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in head.items()}, tmp)
+        os.replace(tmp, os.path.join(output_dir, HEAD_FILE))
+        atomic_write_text(json.dumps(model.contrastive_args.to_dict(), indent=2, sort_keys=True),
+                          os.path.join(output_dir, HEAD_CONFIG_FILE))
+
+
+def load_projector_state(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: not a readable projector file ({err})") from err
+
+
+def load_stage1_weights(model, checkpoint_dir: str) -> None:
+    """Restore projector (and head) from a stage-1 directory into ``model``, checking names and
+    shapes with errors that name the file and the mismatch."""
+    path = os.path.join(checkpoint_dir, PROJECTOR_FILE)
+    state = load_projector_state(path)
+    params = dict(model.named_parameters())
+    missing = [k for k in params if any(m in k for m in PROJECTOR_KEYS) and k not in state]
+    unexpected = [k for k in state if k not in params]
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match the model (missing {missing}, unexpected {unexpected})")
+    for k, v in state.items():
+        if tuple(params[k].shape) != tuple(v.shape) and params[k].numel() != 0:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)} "
+                             "(different --mm_projector_type, LLM or vision tower?)")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].data.copy_(v.to(params[k].dtype))
+    if getattr(model, "contrastive_head", None) is not None:
+        load_head(model, checkpoint_dir)
+
+
+def load_head(model, directory: str) -> None:
+    path = os.path.join(directory, HEAD_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: contrastive head missing (the run has --contrastive_weight > 0)")
+    cfg_path = os.path.join(directory, HEAD_CONFIG_FILE)
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        current = model.contrastive_args.to_dict()
+        shape_keys = ("contrastive_loss", "contrastive_head", "contrastive_head_dim", "contrastive_queue_size")
+        diff = {k: (saved.get(k), current[k]) for k in shape_keys if saved.get(k) != current[k]}
+        if diff:
+            raise ValueError(f"{path}: contrastive head from another configuration: "
+                             + ", ".join(f"--{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+    state = load_file(path)
+    head = model.contrastive_head
+    own = dict(head.state_dict())
+    if set(own) != set(state):
+        raise ValueError(f"{path}: keys {sorted(state)} do not match the head's {sorted(own)}")
+    for k, v in state.items():
+        if own[k].numel() != 0 and tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    head.load_state_dict(state, strict=True)

@@ -1,0 +1,328 @@
+"""ContrastiveLlavaForCausalLM: upstream's LlavaLlamaForCausalLM plus an InfoNCE/SigLIP term.
+
+One forward pass yields both losses: the projected image tokens are captured from the pass
+itself (``encode_images`` is overridden, nothing is encoded twice), caption ids come from the
+labels (``labels != -100`` in the ``plain`` template), and the core pools, gathers and scores them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ...config import ContrastiveArguments
+from ...head import ContrastiveHead
+from ...losses import info_nce_loss, siglip_loss
+from ...metrics import in_batch_accuracy
+from ...pooling import caption_keys, pool
+from ...prompts import split_template
+from ...queue import info_nce_loss_with_queue, validate_queue_usage
+from .compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
+
+
+class ContrastiveLlavaConfig(LlavaConfig):
+    """Upstream's LlavaConfig under its own model_type. Saved stage-1 outputs are written with
+    upstream's ``llava_llama`` type (see checkpoint.py) so upstream tools keep loading them; the
+    contrastive settings travel in the ``contrastive`` attribute."""
+
+    model_type = "llava_llama_contrastive"
+
+
+@dataclass
+class ContrastiveCausalLMOutput(CausalLMOutputWithPast):
+    ntp_loss: Optional[torch.FloatTensor] = None
+    contrastive_loss: Optional[torch.FloatTensor] = None
+    logit_scale: Optional[torch.FloatTensor] = None
+    contrastive_rows: Optional[torch.FloatTensor] = None  # valid pairs in this rank's micro-batch
+    i2t_accuracy: Optional[torch.FloatTensor] = None  # in-batch, this rank's micro-batch
+    t2i_accuracy: Optional[torch.FloatTensor] = None
+
+
+def rows_with_one_image(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [B] bool, feature index [B] long) following upstream's splice: every row consumes
+    max(1, n_images) image features (text-only rows consume the collator's dummy image)."""
+    n_images = (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1)
+    consumed = n_images.clamp(min=1)
+    feature_index = torch.cumsum(consumed, 0) - consumed
+    return n_images == 1, feature_index
+
+
+def image_position_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        valid: torch.Tensor, tokens_per_image: Sequence[int], seq_len: int,
+                        new_attention_mask: Optional[torch.Tensor], padding_side: str) -> torch.Tensor:
+    """[B, seq_len] bool: positions of the (single) image's tokens in the spliced sequence."""
+    batch = input_ids.shape[0]
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=input_ids.device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    for b in torch.nonzero(valid).flatten().tolist():
+        ids = input_ids[b][attention_mask[b].bool()]
+        start = int(torch.nonzero(ids == IMAGE_TOKEN_INDEX)[0, 0])
+        if padding_side == "left" and new_attention_mask is not None:
+            start += seq_len - int(new_attention_mask[b].sum())
+        end = min(start + int(tokens_per_image[b]), seq_len)
+        mask[b, start:end] = True
+    return mask
+
+
+class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
+    config_class = ContrastiveLlavaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.contrastive_head: Optional[ContrastiveHead] = None
+        self.contrastive_args: Optional[ContrastiveArguments] = None
+        self._capture_image_features = False
+        self._captured_image_features: Optional[torch.Tensor] = None
+        self._prompt_ids: Optional[tuple[List[int], List[int], Optional[int]]] = None
+        self._separator_ids: Optional[torch.Tensor] = None
+        saved = getattr(config, "contrastive", None)
+        if isinstance(saved, dict):
+            self.init_contrastive(ContrastiveArguments.from_object(saved), tokenizer=None)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def init_contrastive(self, args: ContrastiveArguments, tokenizer=None) -> None:
+        """Build the contrastive head and tokenised prompt pieces. Call after upstream has
+        frozen the model (``requires_grad_(False)``): the head's learnable parameters are
+        (re-)enabled here."""
+        args.validate()
+        if args.enabled and getattr(self.config, "mm_use_im_start_end", False):
+            raise ValueError(
+                "--mm_use_im_start_end True trains the input embeddings, but the contrastive term "
+                "assumes a frozen text side. Use --mm_use_im_start_end False (upstream's v1.5 "
+                "recipe) or --contrastive_weight 0.")
+        if args.enabled and args.contrastive_queue_size:
+            validate_queue_usage(
+                text_requires_grad=args.contrastive_text_source == "input_embeds"
+                and self.get_input_embeddings().weight.requires_grad,
+                has_text_head=args.contrastive_head != "none")
+        self.contrastive_args = args
+        hidden = self.config.hidden_size
+        device = self.get_input_embeddings().weight.device
+        self.contrastive_head = ContrastiveHead(args, hidden).to(device)
+        self.config.contrastive = args.to_dict()
+        if tokenizer is not None:
+            self._separator_ids = whitespace_token_ids(tokenizer)
+            if args.contrastive_text_source == "llm":
+                prefix, suffix = split_template(args.contrastive_prompt)
+                self._prompt_ids = (
+                    tokenizer(prefix, add_special_tokens=False).input_ids if prefix else [],
+                    tokenizer(suffix, add_special_tokens=False).input_ids if suffix else [],
+                    tokenizer.bos_token_id,
+                )
+        elif args.contrastive_text_source == "llm":
+            self._prompt_ids = None  # set when a tokenizer is given
+
+    # ---- capture --------------------------------------------------------------------------
+    def encode_images(self, images):
+        features = super().encode_images(images)
+        if self._capture_image_features:
+            self._captured_image_features = features
+        return features
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                output_hidden_states=None, images=None, image_sizes=None, return_dict=None):
+        args = self.contrastive_args
+        if args is None or not args.enabled or labels is None or inputs_embeds is not None:
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                use_cache=use_cache, output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states, images=images,
+                image_sizes=image_sizes, return_dict=return_dict)
+
+        self._capture_image_features = True
+        self._captured_image_features = None
+        try:
+            (_, new_position_ids, new_attention_mask, past_key_values, embeds, new_labels) = \
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            features = self._captured_image_features
+        finally:
+            self._capture_image_features = False
+            self._captured_image_features = None
+
+        want_hidden = args.contrastive_image_source == "llm"
+        if embeds is None:  # no images in this batch: plain NTP, empty contrastive term
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, labels=labels, use_cache=use_cache,
+                                  return_dict=True)
+            features = None
+        else:
+            out = super().forward(
+                input_ids=None, attention_mask=new_attention_mask, position_ids=new_position_ids,
+                past_key_values=past_key_values, inputs_embeds=embeds, labels=new_labels,
+                use_cache=use_cache, output_attentions=output_attentions,
+                output_hidden_states=bool(output_hidden_states) or want_hidden, return_dict=True)
+
+        image_emb, text_emb, keys = self._pair_embeddings(
+            input_ids, attention_mask, labels, images, features,
+            out.hidden_states if (want_hidden and features is not None) else None,
+            new_attention_mask)
+        contrastive = self._contrastive_loss(image_emb, text_emb, keys)
+        ntp = out.loss
+        loss = ntp + args.contrastive_weight * contrastive.to(ntp.dtype)
+        with torch.no_grad():
+            acc = in_batch_accuracy(image_emb.float(), text_emb.float()) if image_emb.shape[0] > 1 else None
+        return ContrastiveCausalLMOutput(
+            loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions, ntp_loss=ntp.detach(), contrastive_loss=contrastive.detach(),
+            logit_scale=self.contrastive_head.logit_scale().detach(),
+            contrastive_rows=torch.tensor(float(image_emb.shape[0]), device=ntp.device),
+            i2t_accuracy=None if acc is None else torch.tensor(acc["i2t"], device=ntp.device),
+            t2i_accuracy=None if acc is None else torch.tensor(acc["t2i"], device=ntp.device),
+        )
+
+    # ---- embeddings -----------------------------------------------------------------------
+    def _pair_embeddings(self, input_ids, attention_mask, labels, images, features, hidden_states,
+                         new_attention_mask):
+        """One image and one text embedding per row that holds exactly one image."""
+        args = self.contrastive_args
+        hidden = self.config.hidden_size
+        if features is None:
+            valid = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        else:
+            valid, feature_index = rows_with_one_image(input_ids)
+
+        caption_mask = labels.ne(IGNORE_INDEX) & input_ids.ne(IMAGE_TOKEN_INDEX)
+        if self._separator_ids is not None:
+            caption_mask = strip_trailing(input_ids, caption_mask, self._separator_ids.to(input_ids.device))
+        valid = valid & caption_mask.any(dim=1)
+        rows = torch.nonzero(valid).flatten()
+
+        if rows.numel() == 0 or features is None:  # nothing to pair on this rank: empty term
+            image_emb, text_emb = self._empty_pair(hidden)
+            keys = torch.zeros(0, dtype=torch.long, device=input_ids.device) if args.contrastive_mask_duplicates else None
+            return self.contrastive_head.project(image_emb, text_emb) + (keys,)
+
+        image_emb = self._image_embeddings(input_ids, attention_mask, images, features, hidden_states,
+                                           new_attention_mask, valid, feature_index, rows)
+        text_emb = self._text_embeddings(input_ids[rows], caption_mask[rows])
+        keys = caption_keys(input_ids[rows], caption_mask[rows]) if args.contrastive_mask_duplicates else None
+        return self.contrastive_head.project(image_emb, text_emb) + (keys,)
+
+    def _empty_pair(self, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0, D] embeddings with the dtype and autograd status other ranks' rows have, so that
+        every rank takes the same path through the gather (a mismatch would hang a collective)."""
+        weight = next(self.get_model().mm_projector.parameters())
+        text_weight = self.get_model().embed_tokens.weight
+        grad = torch.is_grad_enabled()
+        image = torch.zeros(0, hidden, device=weight.device, dtype=weight.dtype,
+                            requires_grad=grad and weight.requires_grad)
+        text_grad = self.contrastive_args.contrastive_text_source == "input_embeds" and text_weight.requires_grad
+        text = torch.zeros(0, hidden, device=weight.device, dtype=text_weight.dtype,
+                           requires_grad=grad and text_grad)
+        return image, text
+
+    def _image_embeddings(self, input_ids, attention_mask, images, features, hidden_states,
+                          new_attention_mask, valid, feature_index, rows):
+        args = self.contrastive_args
+        per_image = split_per_image(features, images)
+        if args.contrastive_image_source == "projector":
+            tokens = [per_image[int(feature_index[r])] for r in rows.tolist()]
+            length = max(t.shape[0] for t in tokens)
+            padded = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[-1])
+            mask = torch.zeros(len(tokens), length, dtype=torch.bool, device=padded.device)
+            for i, t in enumerate(tokens):
+                padded[i, : t.shape[0]] = t
+                mask[i, : t.shape[0]] = True
+            return pool(padded, mask, args.image_pooling)
+        states = select_layer(hidden_states, args.contrastive_image_layer)
+        lengths = [per_image[int(feature_index[b])].shape[0] if valid[b] else 0 for b in range(input_ids.shape[0])]
+        mask = image_position_mask(input_ids, attention_mask, valid, lengths, states.shape[1],
+                                   new_attention_mask, getattr(self.config, "tokenizer_padding_side", "right"))
+        return pool(states[rows], mask[rows], args.image_pooling)
+
+    def _text_embeddings(self, ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+        args = self.contrastive_args
+        embed = self.get_model().embed_tokens
+        frozen = not embed.weight.requires_grad
+        if args.contrastive_text_source == "input_embeds":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                tokens = embed(ids.clamp(min=0))
+                return pool(tokens, caption_mask, args.text_pooling)
+        if self._prompt_ids is None:
+            raise RuntimeError("--contrastive_text_source llm needs the tokenizer: call "
+                               "model.init_contrastive(args, tokenizer) (the trainer does this)")
+        prompt_ids, prompt_mask = build_prompt_batch(ids, caption_mask, *self._prompt_ids)
+        with torch.no_grad():
+            out = self.get_model()(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
+                                   output_hidden_states=args.contrastive_text_layer != -1, return_dict=True)
+            states = out.last_hidden_state if args.contrastive_text_layer == -1 \
+                else out.hidden_states[args.contrastive_text_layer]
+            return pool(states, prompt_mask.bool(), args.text_pooling)
+
+    def _contrastive_loss(self, image_emb, text_emb, keys) -> torch.Tensor:
+        args = self.contrastive_args
+        head = self.contrastive_head
+        scale = head.logit_scale()
+        if args.contrastive_loss == "siglip":
+            return siglip_loss(image_emb, text_emb, scale, head.logit_bias(), gather=args.contrastive_gather,
+                               duplicate_keys=keys)
+        if head.queue is not None:
+            loss = info_nce_loss_with_queue(image_emb, text_emb, scale, head.queue,
+                                            gather=args.contrastive_gather, duplicate_keys=keys)
+            if self.training:  # after the loss, so a batch is never its own negative
+                head.queue.enqueue_from_local(text_emb, keys)
+            return loss
+        return info_nce_loss(image_emb, text_emb, scale, gather=args.contrastive_gather, duplicate_keys=keys)
+
+
+# ---- small helpers (pure functions of tensors) ------------------------------------------------
+def split_per_image(features: torch.Tensor, images) -> List[torch.Tensor]:
+    """Projected tokens per image, [T_i, D] each; anyres crops of one image are concatenated."""
+    if isinstance(images, list) or (torch.is_tensor(images) and images.ndim == 5):
+        sizes = [x.shape[0] if x.ndim == 4 else 1 for x in images]
+        return [f.flatten(0, 1) for f in torch.split(features, sizes, dim=0)]
+    return list(features.unbind(0))
+
+
+def select_layer(hidden_states, layer: int) -> torch.Tensor:
+    """hidden_states from transformers: index 0 = embeddings, -1 = last layer after the norm."""
+    return hidden_states[layer]
+
+
+def whitespace_token_ids(tokenizer) -> torch.Tensor:
+    """Ids whose text is only whitespace (the plain template's trailing separator)."""
+    ids = []
+    for token in ("\n", " ", "\n\n"):
+        ids.extend(tokenizer(token, add_special_tokens=False).input_ids)
+    ids = [i for i in set(ids) if tokenizer.decode([i]).strip() == ""]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def strip_trailing(ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Remove trailing masked tokens whose id is in ``drop`` (keep at least one token)."""
+    if drop.numel() == 0:
+        return mask
+    is_drop = torch.isin(ids, drop) & mask
+    keep = mask & ~is_drop
+    # a token is kept if it is not droppable or a non-droppable caption token follows it
+    later_keep = torch.flip(torch.cumsum(torch.flip(keep.int(), [1]), 1), [1]) > 0
+    stripped = mask & (keep | later_keep)
+    return torch.where(stripped.any(dim=1, keepdim=True), stripped, mask)
+
+
+def build_prompt_batch(ids: torch.Tensor, caption_mask: torch.Tensor, prefix: List[int],
+                       suffix: List[int], bos: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [bos] + prefix + caption + suffix per row, and its attention mask."""
+    head = ([bos] if bos is not None else []) + list(prefix)
+    rows = [head + ids[i][caption_mask[i]].tolist() + list(suffix) for i in range(ids.shape[0])]
+    length = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), length, dtype=torch.long, device=ids.device)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=ids.device)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return out, mask
+
+
+AutoConfig.register(ContrastiveLlavaConfig.model_type, ContrastiveLlavaConfig)
+AutoModelForCausalLM.register(ContrastiveLlavaConfig, ContrastiveLlavaForCausalLM)

@@ -1,0 +1,282 @@
+"""ContrastiveLLaVATrainer: upstream's LLaVATrainer plus the contrastive term's bookkeeping.
+
+- builds the model's contrastive head (after upstream froze the model) and puts it in its own
+  optimizer group (``--contrastive_lr``, no weight decay); empty parameter groups are dropped
+- logs ntp_loss, contrastive_loss, logit_scale, in-batch retrieval accuracy and negatives,
+  averaged over ranks
+- stage 1 checkpoints are resumable (upstream's hold only mm_projector.bin): projector + head +
+  optimizer, scheduler, RNG and trainer state; DeepSpeed checkpoints exclude the frozen LLM
+- signatures that changed in later transformers releases (compute_loss, _save_checkpoint, log)
+  accept the extra arguments
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import random
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import Trainer, TrainerCallback
+
+from ...config import ContrastiveArguments
+from . import checkpoint as ckpt
+from .compat import LLaVATrainer
+from .model import ContrastiveCausalLMOutput
+
+logger = logging.getLogger("llava_contrastive")
+_STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
+
+
+def find_contrastive_model(model):
+    """The ContrastiveLlavaForCausalLM inside DeepSpeed/DDP/PEFT wrappers, or None."""
+    seen = model
+    for _ in range(5):
+        if hasattr(seen, "contrastive_head"):
+            return seen
+        for attr in ("module", "base_model", "model"):
+            inner = getattr(seen, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                seen = inner
+                break
+        else:
+            return None
+    return None
+
+
+def _partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+class ClampLogitScale(TrainerCallback):
+    """In-place clamp of the learnable log scale after each optimizer step (the forward clamps
+    too, which is what holds under ZeRO-3 partitioning or bf16 master weights)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        target = find_contrastive_model(model) if model is not None else None
+        head = getattr(target, "contrastive_head", None)
+        if head is not None and not any(_partitioned(p) for p in head.parameters()):
+            head.clamp_()
+
+
+class ContrastiveLLaVATrainer(LLaVATrainer):
+    def __init__(self, model=None, args=None, tokenizer=None, **kwargs):
+        self.contrastive_args = ContrastiveArguments.from_object(args) if args is not None else ContrastiveArguments(contrastive_weight=0)
+        target = find_contrastive_model(model)
+        if self.contrastive_args.enabled:
+            if target is None:
+                raise TypeError("--contrastive_weight > 0 needs ContrastiveLlavaForCausalLM "
+                                f"(got {type(model).__name__}); run `python -m llava_contrastive.train`")
+            _require_plain_template()
+            target.init_contrastive(self.contrastive_args, tokenizer)
+        super().__init__(model=model, args=args, tokenizer=tokenizer, **kwargs)
+        self._contrastive_model = target if self.contrastive_args.enabled else None
+        self._stats: Dict[str, torch.Tensor] = {}
+        if self._contrastive_model is not None:
+            self.add_callback(ClampLogitScale())
+            cargs = self.contrastive_args
+            logger.info("contrastive: %s weight=%g T0=%g learnable=%s text=%s/%s image=%s/%s head=%s gather=%s "
+                        "dedup=%s queue=%d", cargs.contrastive_loss, cargs.contrastive_weight, cargs.temperature,
+                        cargs.contrastive_learnable_temperature, cargs.contrastive_text_source, cargs.text_pooling,
+                        cargs.contrastive_image_source, cargs.image_pooling, cargs.contrastive_head,
+                        cargs.contrastive_gather, cargs.contrastive_mask_duplicates, cargs.contrastive_queue_size)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def create_optimizer(self):
+        head_params = []
+        if self.optimizer is None and self._contrastive_model is not None:
+            head_params = self._contrastive_model.contrastive_head.trainable_parameters()
+        for p in head_params:  # hide from upstream's decay / no-decay grouping
+            p.requires_grad_(False)
+        try:
+            super().create_optimizer()
+        finally:
+            for p in head_params:
+                p.requires_grad_(True)
+        if head_params:
+            lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
+            self.optimizer.add_param_group({"params": head_params, "weight_decay": 0.0, "lr": lr})
+        # an empty group (e.g. --mm_projector_lr with LoRA) breaks torch >= 2.x schedulers
+        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if model.training and isinstance(outputs, ContrastiveCausalLMOutput):
+            self._accumulate(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, out: ContrastiveCausalLMOutput) -> None:
+        rows = out.contrastive_rows
+        acc_rows = rows if out.i2t_accuracy is not None else torch.zeros_like(rows)
+        values = {
+            "ntp_loss": out.ntp_loss.float(), "contrastive_loss": out.contrastive_loss.float(),
+            "steps": torch.ones_like(rows), "rows": rows,
+            "i2t_hits": (out.i2t_accuracy if out.i2t_accuracy is not None else torch.zeros_like(rows)) * acc_rows,
+            "t2i_hits": (out.t2i_accuracy if out.t2i_accuracy is not None else torch.zeros_like(rows)) * acc_rows,
+            "acc_rows": acc_rows,
+        }
+        for k, v in values.items():
+            self._stats[k] = self._stats.get(k, 0) + v.detach().float()
+        self._stats_scale = out.logit_scale
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._contrastive_model is not None:
+            logs.update(self._pop_contrastive_logs())
+        super().log(logs, *args, **kwargs)
+
+    def _pop_contrastive_logs(self) -> Dict[str, float]:
+        """Means since the last log, summed over ranks (every rank logs at the same step)."""
+        device = self.args.device
+        vec = torch.stack([torch.as_tensor(self._stats.get(k, 0.0), dtype=torch.float32, device=device)
+                           for k in _STAT_KEYS])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+            world = dist.get_world_size()
+        else:
+            world = 1
+        self._stats = {}
+        s = dict(zip(_STAT_KEYS, vec.tolist()))
+        if s["steps"] == 0:
+            return {}
+        rows_per_step = s["rows"] / s["steps"]  # per rank and micro-batch
+        global_rows = rows_per_step * (world if self.contrastive_args.contrastive_gather else 1)
+        queue = self._contrastive_model.contrastive_head.queue
+        logs = {
+            "ntp_loss": round(s["ntp_loss"] / s["steps"], 6),
+            "contrastive_loss": round(s["contrastive_loss"] / s["steps"], 6),
+            "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4),
+            "negatives": round(max(global_rows - 1, 0) + (int(queue.filled) if queue is not None else 0), 2),
+        }
+        if s["acc_rows"] > 0:
+            logs["i2t_acc"] = round(s["i2t_hits"] / s["acc_rows"], 4)
+            logs["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
+        return logs
+
+    # ---- saving -----------------------------------------------------------------------------
+    @property
+    def _stage1(self) -> bool:
+        return bool(getattr(self.args, "tune_mm_mlp_adapter", False))
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        if not self._stage1:
+            if self.is_deepspeed_enabled and not torch.cuda.is_available():
+                return Trainer.save_model(self, output_dir, _internal_call)
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        ckpt.save_stage1(self.model, output_dir, is_main=self.args.should_save,
+                         use_im_start_end=getattr(self.args, "use_im_start_end", False))
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        if not self._stage1:
+            return super()._save_checkpoint(model, trial, *args, **kwargs)
+        # the full Trainer checkpoint (optimizer, scheduler, RNG, state) with our save_model;
+        # transformers stages it in tmp-checkpoint-N and renames it when complete
+        return Trainer._save_checkpoint(self, model, trial, *args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self._stage1 and self.is_deepspeed_enabled and "exclude_frozen_parameters" in \
+                inspect.signature(self.model_wrapped.save_checkpoint).parameters:
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            return
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        if self._stage1:
+            return  # save_model writes stage-1 files
+        super()._save(output_dir, state_dict)
+
+    # ---- resuming ---------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self._stage1 and os.path.isfile(os.path.join(resume_from_checkpoint, ckpt.PROJECTOR_FILE)):
+            target = find_contrastive_model(model if model is not None else self.model) or self.model
+            logger.info("resuming stage-1 weights from %s", resume_from_checkpoint)
+            ckpt.load_stage1_weights(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint):
+        """Trainer's RNG restore, loading with weights_only=True (numpy's RNG state allowed
+        explicitly): transformers 4.37's own call fails under torch >= 2.6's default."""
+        if checkpoint is None:
+            return
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            logger.warning("no RNG state %s: the resumed run's randomness differs from an uninterrupted one", path)
+            return
+        state = load_rng_file(path)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.random.set_rng_state(state["cpu"])
+        if torch.cuda.is_available() and "cuda" in state:
+            if self.args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED:
+                torch.cuda.random.set_rng_state_all(state["cuda"])
+            else:
+                torch.cuda.random.set_rng_state(state["cuda"])
+
+    def train(self, *args, **kwargs):
+        with _deepspeed_nonstrict_module_load(self._stage1):
+            return super().train(*args, **kwargs)
+
+
+def load_rng_file(path: str):
+    safe = _numpy_rng_globals()
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu")  # torch < 2.5 defaults to full unpickling
+
+
+def _numpy_rng_globals() -> list:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    safe = [_reconstruct, np.ndarray, np.dtype]
+    safe += [getattr(np.dtypes, n) for n in ("UInt32DType", "Float64DType", "Int64DType")
+             if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
+    return safe
+
+
+@contextlib.contextmanager
+def _deepspeed_nonstrict_module_load(enabled: bool):
+    """Stage-1 DeepSpeed checkpoints exclude the frozen LLM, so the engine must load the module
+    non-strictly (transformers 4.37 only does so for PEFT models)."""
+    if not enabled:
+        yield
+        return
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.deepspeed_load_checkpoint
+
+    def load(engine, checkpoint_path, *args, **kwargs):
+        import glob
+
+        if not glob.glob(os.path.join(checkpoint_path, "global_step*")):
+            raise ValueError(f"Can't find a valid DeepSpeed checkpoint at {checkpoint_path}")
+        load_path, _ = engine.load_checkpoint(checkpoint_path, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ValueError(f"[deepspeed] failed to resume from checkpoint {checkpoint_path}")
+
+    hf_trainer.deepspeed_load_checkpoint = load
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
+
+
+def _require_plain_template() -> None:
+    from .compat import import_upstream
+
+    conv = import_upstream("conversation")
+    if conv.default_conversation.sep_style != conv.SeparatorStyle.PLAIN:
+        raise ValueError(
+            f"--contrastive_weight > 0 needs caption-only labels (stage 1, --version plain); the conversation "
+            f"template is {conv.default_conversation.version!r}. Pass --contrastive_weight 0 for stage 2.")

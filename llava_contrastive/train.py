@@ -1,0 +1,110 @@
+"""Entry point: upstream `llava.train.train` with the contrastive model, trainer and flags.
+
+Every flag of upstream's trainer works as before; `--contrastive_*` flags are added (see
+llava_contrastive/config.py). Launch it as upstream does:
+    python -m llava_contrastive.train ...            deepspeed llava_contrastive/train.py --deepspeed scripts/zero2.json ...
+    deepspeed --module llava_contrastive.train ...   torchrun --nproc_per_node 8 -m llava_contrastive.train ...
+Differences from upstream, all in the plugin: the RNG is seeded before the model is built (so two
+runs with the same --seed are identical), stage-1 checkpoints are resumable, and the final save
+on a CPU DeepSpeed run does not call torch.cuda.synchronize().
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: `deepspeed llava_contrastive/train.py ...`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llava_contrastive.config import ContrastiveArguments  # noqa: E402
+
+logger = logging.getLogger("llava_contrastive")
+
+
+def seed_from_argv(argv: list[str]) -> int:
+    """Seed every RNG from `--seed` before anything is built (upstream seeds only in the
+    Trainer, after its projector has been initialised)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--seed", type=int, default=42)
+    seed = parser.parse_known_args(argv)[0].seed
+    import transformers
+
+    transformers.set_seed(seed)
+    return seed
+
+
+def make_training_arguments(upstream_cls):
+    """Upstream's TrainingArguments with the contrastive flags merged in (upstream's `train()`
+    builds its parser from the module global, so this is the class it must find there)."""
+
+    def __post_init__(self):
+        upstream_cls.__post_init__(self)
+        ContrastiveArguments.from_object(self).validate()
+
+    extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+             for f in dataclasses.fields(ContrastiveArguments)]
+    return dataclasses.make_dataclass("ContrastiveTrainingArguments", extra, bases=(upstream_cls,),
+                                      namespace={"__post_init__": __post_init__})
+
+
+def make_final_save(original):
+    def save_final(trainer, output_dir: str) -> None:
+        stage1 = getattr(trainer.args, "tune_mm_mlp_adapter", False)
+        if stage1 or (trainer.deepspeed and not _cuda_available()):
+            trainer.save_model(output_dir)
+            return
+        original(trainer, output_dir)
+
+    return save_final
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def patched_upstream():
+    """Point upstream's `train()` at the plugin's classes for the duration of the call."""
+    from llava_contrastive.hosts.llava import compat
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
+    from llava_contrastive.hosts.llava.trainer import ContrastiveLLaVATrainer
+
+    module = compat.upstream_train_module()
+    replacements = {
+        "LlavaLlamaForCausalLM": ContrastiveLlavaForCausalLM,
+        "LLaVATrainer": ContrastiveLLaVATrainer,
+        "TrainingArguments": make_training_arguments(module.TrainingArguments),
+        "safe_save_model_for_hf_trainer": make_final_save(module.safe_save_model_for_hf_trainer),
+    }
+    saved = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield module
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def main(attn_implementation: str | None = None, argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    seed_from_argv(argv)
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0]] + argv
+    try:
+        with patched_upstream() as module:
+            module.train(attn_implementation=attn_implementation)
+    finally:
+        sys.argv = saved_argv
+
+
+if __name__ == "__main__":
+    main()
