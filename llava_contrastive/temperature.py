@@ -47,14 +47,15 @@ class LogitScale(nn.Module):
         self.max_scale = float(max_scale)
         self.log_max = math.log(self.max_scale)
         init = min(math.log(1.0 / init_temperature), self.log_max)
-        self.log_scale = nn.Parameter(torch.tensor(init, dtype=torch.float32), requires_grad=learnable)
+        # shape [1], not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.log_scale = nn.Parameter(torch.tensor([init], dtype=torch.float32), requires_grad=learnable)
 
     @property
     def learnable(self) -> bool:
         return self.log_scale.requires_grad
 
     def forward(self) -> Tensor:
-        return self.log_scale.clamp(max=self.log_max).exp()
+        return self.log_scale.clamp(max=self.log_max).exp()[0]
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -70,10 +71,10 @@ class SigLIPBias(nn.Module):
 
     def __init__(self, init_bias: float = SIGLIP_INIT_BIAS, learnable: bool = True) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)), requires_grad=learnable)
+        self.bias = nn.Parameter(torch.tensor([float(init_bias)]), requires_grad=learnable)  # [1]: see LogitScale
 
     def forward(self) -> Tensor:
-        return self.bias
+        return self.bias[0]
 
 
 def build_logit_params(

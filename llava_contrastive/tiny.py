@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever generated content changes
 STAMP_NAME = "STAMP.json"
 
 DEFAULT_SETTINGS: Dict[str, Any] = {
@@ -140,6 +140,19 @@ def _clean_stale(root: Path) -> None:
 
 
 def _build_into(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, Any]:
+    import torch
+
+    # single thread: bit-identical results whatever the core count, and robust to CPU contention
+    # (2 OpenMP threads on a busy 2-core box are several times slower than one)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build_steps(tmp_root, seed, s, log)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _build_steps(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, Any]:
     import random
 
     import numpy as np
@@ -152,7 +165,7 @@ def _build_into(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, 
     np.random.seed(seed)
     torch.manual_seed(seed)
     paths = TinyAssets.at(tmp_root)
-    metrics: Dict[str, Any] = {}
+    metrics: Dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     t = time.time()
     gen = D.generate_data(
         paths.data_root, seed, s["n_train"], s["n_heldout"], s["n_instruct"], s["text_only_frac"]

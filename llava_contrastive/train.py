@@ -102,8 +102,19 @@ def main(attn_implementation: str | None = None, argv: list[str] | None = None) 
     try:
         with patched_upstream() as module:
             module.train(attn_implementation=attn_implementation)
+        shutdown_process_group()
     finally:
         sys.argv = saved_argv
+
+
+def shutdown_process_group() -> None:
+    """Tear the process group down before interpreter exit: left to the atexit order, gloo's
+    threads can abort the process (SIGABRT) after everything was saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ def _files(root: Path, pattern: str):
 
 
 def test_determinism_same_seed(tmp_path):
+    threads = torch.get_num_threads()
     a = build_tiny_assets(tmp_path / "a", seed=3, **SMALL)
+    assert torch.get_num_threads() == threads  # build runs single-threaded, then restores
     b = build_tiny_assets(tmp_path / "b", seed=3, **SMALL)
     for pat in ("*.json", "*.safetensors", "tokenizer.model", "*.jpg"):
         fa, fb = _files(a.root, pat), _files(b.root, pat)
