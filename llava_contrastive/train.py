@@ -68,28 +68,46 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def plugin_globals(namespace: dict) -> dict:
+    """Replacements for upstream `llava.train.train` globals: the contrastive model, trainer,
+    merged TrainingArguments, and the final save (stage-1 head; no CUDA sync on CPU)."""
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
+    from llava_contrastive.hosts.llava.trainer import ContrastiveLLaVATrainer
+
+    return {
+        "LlavaLlamaForCausalLM": ContrastiveLlavaForCausalLM,
+        "LLaVATrainer": ContrastiveLLaVATrainer,
+        "TrainingArguments": make_training_arguments(namespace["TrainingArguments"]),
+        "safe_save_model_for_hf_trainer": make_final_save(namespace["safe_save_model_for_hf_trainer"]),
+    }
+
+
+def activate(namespace: dict, argv: list[str] | None = None) -> None:
+    """Used by patches/: switch an upstream `llava/train/train.py` module namespace to the plugin
+    (idempotent) and seed from `--seed` before the model is built."""
+    if not namespace.get("_LLAVA_CONTRASTIVE_ACTIVE"):
+        namespace.update(plugin_globals(namespace))
+        namespace["_LLAVA_CONTRASTIVE_ACTIVE"] = True
+    seed_from_argv(list(sys.argv[1:] if argv is None else argv))
+
+
 @contextlib.contextmanager
 def patched_upstream():
     """Point upstream's `train()` at the plugin's classes for the duration of the call."""
     from llava_contrastive.hosts.llava import compat
-    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
-    from llava_contrastive.hosts.llava.trainer import ContrastiveLLaVATrainer
 
     module = compat.upstream_train_module()
-    replacements = {
-        "LlavaLlamaForCausalLM": ContrastiveLlavaForCausalLM,
-        "LLaVATrainer": ContrastiveLLaVATrainer,
-        "TrainingArguments": make_training_arguments(module.TrainingArguments),
-        "safe_save_model_for_hf_trainer": make_final_save(module.safe_save_model_for_hf_trainer),
-    }
-    saved = {name: getattr(module, name) for name in replacements}
-    for name, value in replacements.items():
-        setattr(module, name, value)
+    namespace = vars(module)
+    if namespace.get("_LLAVA_CONTRASTIVE_ACTIVE"):  # a patched fork did it already
+        yield module
+        return
+    replacements = plugin_globals(namespace)
+    saved = {name: namespace[name] for name in replacements}
+    namespace.update(replacements)
     try:
         yield module
     finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
+        namespace.update(saved)
 
 
 def main(attn_implementation: str | None = None, argv: list[str] | None = None) -> None:

@@ -137,30 +137,11 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
                 output_hidden_states=output_hidden_states, images=images,
                 image_sizes=image_sizes, return_dict=return_dict)
 
-        self._capture_image_features = True
-        self._captured_image_features = None
-        try:
-            (_, new_position_ids, new_attention_mask, past_key_values, embeds, new_labels) = \
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
-            features = self._captured_image_features
-        finally:
-            self._capture_image_features = False
-            self._captured_image_features = None
-
         want_hidden = args.contrastive_image_source == "llm"
-        if embeds is None:  # no images in this batch: plain NTP, empty contrastive term
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, labels=labels, use_cache=use_cache,
-                                  return_dict=True)
-            features = None
-        else:
-            out = super().forward(
-                input_ids=None, attention_mask=new_attention_mask, position_ids=new_position_ids,
-                past_key_values=past_key_values, inputs_embeds=embeds, labels=new_labels,
-                use_cache=use_cache, output_attentions=output_attentions,
-                output_hidden_states=bool(output_hidden_states) or want_hidden, return_dict=True)
-
+        out, features, new_attention_mask = self._multimodal_pass(
+            input_ids, attention_mask, position_ids, past_key_values, labels, images, image_sizes,
+            use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=bool(output_hidden_states) or want_hidden)
         image_emb, text_emb, keys = self._pair_embeddings(
             input_ids, attention_mask, labels, images, features,
             out.hidden_states if (want_hidden and features is not None) else None,
@@ -181,8 +162,47 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
         )
 
     # ---- embeddings -----------------------------------------------------------------------
+    def _multimodal_pass(self, input_ids, attention_mask, position_ids, past_key_values, labels, images,
+                         image_sizes, *, use_cache=None, output_attentions=None, output_hidden_states=None):
+        """Upstream's splice + LLM forward, keeping the projected image tokens it computed."""
+        self._capture_image_features = True
+        self._captured_image_features = None
+        try:
+            (_, new_position_ids, new_attention_mask, past_key_values, embeds, new_labels) = \
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+            features = self._captured_image_features
+        finally:
+            self._capture_image_features = False
+            self._captured_image_features = None
+        if embeds is None:  # no images in this batch: plain NTP, empty contrastive term
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  labels=labels, use_cache=use_cache, return_dict=True)
+            return out, None, attention_mask
+        out = super().forward(
+            input_ids=None, attention_mask=new_attention_mask, position_ids=new_position_ids,
+            past_key_values=past_key_values, inputs_embeds=embeds, labels=new_labels, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True)
+        return out, features, new_attention_mask
+
+    @torch.no_grad()
+    def embed_pairs(self, input_ids, attention_mask, labels, images, image_sizes=None):
+        """Evaluation: (image [n, D], text [n, D], caption keys [n] or None, row index [n], NTP loss)
+        for the rows holding one image, in the space the contrastive term scores (head included)."""
+        if self.contrastive_args is None:
+            raise RuntimeError("call init_contrastive(args, tokenizer) first (it defines the embeddings)")
+        want_hidden = self.contrastive_args.contrastive_image_source == "llm"
+        out, features, new_attention_mask = self._multimodal_pass(
+            input_ids, attention_mask, None, None, labels, images, image_sizes, use_cache=False,
+            output_hidden_states=want_hidden)
+        image, text, keys, rows = self._pair_embeddings(
+            input_ids, attention_mask, labels, images, features,
+            out.hidden_states if (want_hidden and features is not None) else None, new_attention_mask,
+            return_rows=True)
+        return image, text, keys, rows, out.loss
+
     def _pair_embeddings(self, input_ids, attention_mask, labels, images, features, hidden_states,
-                         new_attention_mask):
+                         new_attention_mask, return_rows: bool = False):
         """One image and one text embedding per row that holds exactly one image."""
         args = self.contrastive_args
         hidden = self.config.hidden_size
@@ -200,13 +220,14 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
         if rows.numel() == 0 or features is None:  # nothing to pair on this rank: empty term
             image_emb, text_emb = self._empty_pair(hidden)
             keys = torch.zeros(0, dtype=torch.long, device=input_ids.device) if args.contrastive_mask_duplicates else None
-            return self.contrastive_head.project(image_emb, text_emb) + (keys,)
+            rows = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+            return self.contrastive_head.project(image_emb, text_emb) + ((keys, rows) if return_rows else (keys,))
 
         image_emb = self._image_embeddings(input_ids, attention_mask, images, features, hidden_states,
                                            new_attention_mask, valid, feature_index, rows)
         text_emb = self._text_embeddings(input_ids[rows], caption_mask[rows])
         keys = caption_keys(input_ids[rows], caption_mask[rows]) if args.contrastive_mask_duplicates else None
-        return self.contrastive_head.project(image_emb, text_emb) + (keys,)
+        return self.contrastive_head.project(image_emb, text_emb) + ((keys, rows) if return_rows else (keys,))
 
     def _empty_pair(self, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[0, D] embeddings with the dtype and autograd status other ranks' rows have, so that
