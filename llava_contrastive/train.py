@@ -45,8 +45,10 @@ def make_training_arguments(upstream_cls):
         upstream_cls.__post_init__(self)
         ContrastiveArguments.from_object(self).validate()
 
+    from llava_contrastive.hosts.llava.args import HostArguments
+
     extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-             for f in dataclasses.fields(ContrastiveArguments)]
+             for cls in (ContrastiveArguments, HostArguments) for f in dataclasses.fields(cls)]
     return dataclasses.make_dataclass("ContrastiveTrainingArguments", extra, bases=(upstream_cls,),
                                       namespace={"__post_init__": __post_init__})
 

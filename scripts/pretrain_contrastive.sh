@@ -42,7 +42,7 @@ echo "pretrain_contrastive: $ranks rank(s) x batch $PER_DEVICE_BATCH x accumulat
      "contrastive negatives per sample: $(( ranks * PER_DEVICE_BATCH - 1 )) (gathered over ranks, per micro-batch)" >&2
 
 ds=(); [[ -n "${DEEPSPEED_CONFIG:-}" ]] && ds=(--deepspeed "$DEEPSPEED_CONFIG")
-launch llava_contrastive.train \
+launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   "${ds[@]}" \
   --model_name_or_path "$MODEL" --version plain \
   --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" \

@@ -52,6 +52,7 @@ def upstream_run(tiny_assets, work, initial_projector) -> Path:
 def weight0_run(tiny_assets, work, initial_projector) -> Path:
     out = work / "weight0"
     args = runs.stage1_args(tiny_assets, out, steps=8, extra=[
-        "--pretrain_mm_mlp_adapter", str(initial_projector), "--contrastive_weight", "0"])
+        "--pretrain_mm_mlp_adapter", str(initial_projector), "--contrastive_weight", "0",
+        "--vision_tower_dtype", "float16"])  # upstream's exact numerics (fp16 tower) on CPU
     runs.run("llava_contrastive.train", args, log=work / "weight0.log")
     return out

@@ -68,6 +68,7 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
     def __init__(self, model=None, args=None, tokenizer=None, **kwargs):
         self.contrastive_args = ContrastiveArguments.from_object(args) if args is not None else ContrastiveArguments(contrastive_weight=0)
         target = find_contrastive_model(model)
+        _set_vision_tower_dtype(model, args)
         if self.contrastive_args.enabled:
             if target is None:
                 raise TypeError("--contrastive_weight > 0 needs ContrastiveLlavaForCausalLM "
@@ -270,6 +271,21 @@ def _deepspeed_nonstrict_module_load(enabled: bool):
         yield
     finally:
         hf_trainer.deepspeed_load_checkpoint = original
+
+
+def _set_vision_tower_dtype(model, args) -> None:
+    """Apply --vision_tower_dtype after upstream's own cast (train() casts before the trainer exists)."""
+    from .args import vision_tower_dtype
+
+    choice = getattr(args, "vision_tower_dtype", "auto") if args is not None else "auto"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tower = inner.get_vision_tower() if hasattr(inner, "get_vision_tower") else None
+    if tower is None or not getattr(tower, "is_loaded", False):
+        return
+    dtype = vision_tower_dtype(choice, bf16=bool(getattr(args, "bf16", False)), cuda=torch.cuda.is_available())
+    if tower.dtype != dtype:
+        logger.info("vision tower: %s -> %s (--vision_tower_dtype %s)", tower.dtype, dtype, choice)
+        tower.to(dtype=dtype)
 
 
 def _require_plain_template() -> None:
