@@ -10,7 +10,7 @@ import torch
 
 from . import runs
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 STEPS = 6
 
 
