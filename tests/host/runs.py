@@ -54,9 +54,11 @@ def command(module: str, args: list[str], nproc: int = 1, force_launcher: bool =
 
 
 def run(module: str, args: list[str], *, nproc: int = 1, timeout: int = 900, check: bool = True,
-        log: Optional[Path] = None, force_launcher: bool = False) -> subprocess.CompletedProcess:
+        log: Optional[Path] = None, force_launcher: bool = False, extra_env: Optional[dict] = None
+        ) -> subprocess.CompletedProcess:
     cmd = command(module, args, nproc, force_launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env=env(nproc), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env(nproc), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if log is not None:
         log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if check and proc.returncode != 0:

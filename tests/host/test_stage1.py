@@ -74,20 +74,29 @@ def test_weight_zero_reproduces_upstream_step_for_step(upstream_run, weight0_run
         torch.testing.assert_close(mine[k], base[k], rtol=0, atol=1e-6)
 
 
-def test_kill_and_rerun_resumes_with_identical_losses(tiny_assets, work, joint_run):
-    """SIGKILL after the first checkpoint, re-run the same command: the rest of the losses equal
-    those of the uninterrupted run (which also shows that the seed fixes the projector init)."""
+def test_sigkill_in_training_and_in_save_then_rerun_matches_uninterrupted(tiny_assets, work, joint_run):
+    """SIGKILL during training (after the first checkpoint), re-run, SIGKILL in the middle of writing
+    a checkpoint, re-run: the losses of every step and the final projector equal those of the
+    uninterrupted run (which also shows that the seed fixes the projector init)."""
     out = work / "resume"
-    args = runs.stage1_args(tiny_assets, out, steps=16, extra=["--save_steps", "6"])
-    cmd = runs.command("llava_contrastive.train", args)
-    proc = subprocess.Popen(cmd, cwd=runs.REPO, env=runs.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = runs.stage1_args(tiny_assets, out, steps=16, extra=["--save_steps", "6", "--save_total_limit", "1"])
+    proc = subprocess.Popen(runs.command("llava_contrastive.train", args), cwd=runs.REPO, env=runs.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (out / "checkpoint-6").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint-6").exists() and not (out / "mm_projector.bin").exists()
+
+    killed = runs.run("llava_contrastive.train", args, check=False, log=work / "resume_killed_in_save.log",
+                      extra_env={"LLAVA_CONTRASTIVE_FAULTS": "kill_in_save@12"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "tmp-checkpoint-12").exists() and not (out / "checkpoint-12").exists()
+    assert (out / "checkpoint-6" / "trainer_state.json").exists()  # save_total_limit 1 kept the good one
+
     runs.run("llava_contrastive.train", args, log=work / "resume.log")
+    assert not (out / "tmp-checkpoint-12").exists()
     resumed, reference = runs.train_logs(out), runs.train_logs(joint_run)
     assert [h["step"] for h in resumed] == list(range(1, 17))
     for a, b in zip(resumed, reference):
@@ -97,3 +106,24 @@ def test_kill_and_rerun_resumes_with_identical_losses(tiny_assets, work, joint_r
     ref = torch.load(joint_run / "mm_projector.bin", weights_only=True)
     for k in ref:
         torch.testing.assert_close(mine[k], ref[k], rtol=0, atol=1e-6)
+
+
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_checkpoint(tiny_assets, work):
+    out = work / "nan"
+    args = runs.stage1_args(tiny_assets, out, steps=8, extra=["--save_steps", "2"])
+    proc = runs.run("llava_contrastive.train", args, check=False, log=work / "nan.log",
+                    extra_env={"LLAVA_CONTRASTIVE_FAULTS": "nonfinite_loss@5"})
+    assert proc.returncode != 0
+    assert "non-finite loss at optimizer step 5" in proc.stderr and "loss=nan" in proc.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "mm_projector.bin").exists()
+
+    skipped = work / "nan_skip"
+    args = runs.stage1_args(tiny_assets, skipped, steps=8, extra=["--nonfinite_max_skips", "1"])
+    proc = runs.run("llava_contrastive.train", args, log=work / "nan_skip.log",
+                    extra_env={"LLAVA_CONTRASTIVE_FAULTS": "nonfinite_loss@5"})
+    assert "non-finite loss at step 5" in proc.stderr and "[1/1]" in proc.stderr
+    logs = runs.train_logs(skipped)
+    assert len(logs) == 8 and all(h["ntp_loss"] == h["ntp_loss"] for h in logs)
+    proj = torch.load(skipped / "mm_projector.bin", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in proj.values())

@@ -11,6 +11,9 @@ class HostArguments:
     vision_tower_dtype: str = field(default="auto", metadata={"help": (
         "dtype of the frozen vision tower: auto = upstream's choice (bf16 with --bf16, else fp16) on GPU, "
         "float32 on CPU where fp16 matmuls are emulated and about 10-70x slower | float16 | bfloat16 | float32")})
+    nonfinite_max_skips: int = field(default=0, metadata={"help": (
+        "non-finite loss or logit scale: the run stops naming the step and values, unless fewer than this many "
+        "have occurred, in which case that micro-batch contributes a zero gradient (counted, logged)")})
 
 
 def vision_tower_dtype(choice: str, bf16: bool, cuda: bool) -> torch.dtype:

@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 from ...config import ContrastiveArguments
 from . import checkpoint as ckpt
 from .compat import LLaVATrainer
+from ...faults import fault_step
 from .model import ContrastiveCausalLMOutput
 
 logger = logging.getLogger("llava_contrastive")
@@ -51,6 +52,10 @@ def find_contrastive_model(model):
 
 def _partitioned(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 class ClampLogitScale(TrainerCallback):
@@ -108,9 +113,42 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if model.training and isinstance(outputs, ContrastiveCausalLMOutput):
-            self._accumulate(outputs)
+        if model.training:
+            if fault_step("nonfinite_loss") == self.state.global_step + 1:
+                loss = loss * float("nan")
+            loss = self._guard_finite(model, loss, outputs)
+            if isinstance(outputs, ContrastiveCausalLMOutput):
+                self._accumulate(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _guard_finite(self, model, loss, outputs):
+        """Stop (or, within --nonfinite_max_skips, zero this micro-batch's gradient) on a non-finite
+        loss or logit scale. All ranks agree through one all-reduce, so none is left in a collective."""
+        scale = getattr(outputs, "logit_scale", None)
+        bad = ~torch.isfinite(loss.detach().float())
+        if scale is not None:
+            bad = bad | ~torch.isfinite(scale.float())
+        bad = bad.float().reshape(1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bool(bad.item()):
+            return loss
+        self._nonfinite_count = getattr(self, "_nonfinite_count", 0) + 1
+        step = self.state.global_step + 1
+        detail = ", ".join(f"{k}={float(v):.6g}" for k, v in (
+            ("loss", loss.detach()), ("ntp_loss", getattr(outputs, "ntp_loss", None)),
+            ("contrastive_loss", getattr(outputs, "contrastive_loss", None)), ("logit_scale", scale)) if v is not None)
+        budget = int(getattr(self.args, "nonfinite_max_skips", 0))
+        if self._nonfinite_count > budget:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {step} (on at least one rank; this rank: {detail}); "
+                f"{self._nonfinite_count} so far, --nonfinite_max_skips {budget}. Nothing of this step was "
+                f"saved: the last checkpoint in {self.args.output_dir} is intact. Lower --learning_rate or "
+                f"--contrastive_max_logit_scale, check the data, then re-run the command to resume.")
+        logger.warning("non-finite loss at step %d (%s): zero gradient for this micro-batch [%d/%d]",
+                       step, detail, self._nonfinite_count, budget)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return sum(p.sum() for p in trainable) * 0.0
 
     def _accumulate(self, out: ContrastiveCausalLMOutput) -> None:
         rows = out.contrastive_rows
@@ -181,6 +219,10 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         return Trainer._save_checkpoint(self, model, trial, *args, **kwargs)
 
     def _save_optimizer_and_scheduler(self, output_dir):
+        if fault_step("kill_in_save") == self.state.global_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
         if self._stage1 and self.is_deepspeed_enabled and "exclude_frozen_parameters" in \
                 inspect.signature(self.model_wrapped.save_checkpoint).parameters:
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
@@ -222,8 +264,22 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
                 torch.cuda.random.set_rng_state(state["cuda"])
 
     def train(self, *args, **kwargs):
+        self._remove_stale_staging()
         with _deepspeed_nonstrict_module_load(self._stage1):
             return super().train(*args, **kwargs)
+
+    def _remove_stale_staging(self) -> None:
+        """A crash while saving leaves tmp-checkpoint-N (never picked up for resuming: only complete,
+        renamed checkpoint-N are); remove it so the next save at that step starts clean."""
+        import glob
+        import shutil
+
+        if self.args.should_save:
+            for stale in glob.glob(os.path.join(self.args.output_dir, "tmp-checkpoint-*")):
+                logger.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
 
 def load_rng_file(path: str):
