@@ -10,15 +10,19 @@ on a CPU DeepSpeed run does not call torch.cuda.synchronize().
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file (`deepspeed llava_contrastive/train.py ...`): the package
+    _here = os.path.dirname(os.path.abspath(__file__))  # dir must not shadow the stdlib (queue.py)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+
 import argparse
 import contextlib
 import dataclasses
 import logging
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a file: `deepspeed llava_contrastive/train.py ...`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llava_contrastive.config import ContrastiveArguments  # noqa: E402
 

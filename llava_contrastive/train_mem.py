@@ -1,12 +1,16 @@
 """`train_mem`-style entry (as upstream's llava/train/train_mem.py): flash-attention 2."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file (`deepspeed llava_contrastive/train.py ...`): the package
+    _here = os.path.dirname(os.path.abspath(__file__))  # dir must not shadow the stdlib (queue.py)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+
+import importlib.util
 
 from llava_contrastive.train import main  # noqa: E402
 

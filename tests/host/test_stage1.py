@@ -127,3 +127,15 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_checkpoint(tiny_assets, 
     assert len(logs) == 8 and all(h["ntp_loss"] == h["ntp_loss"] for h in logs)
     proj = torch.load(skipped / "mm_projector.bin", weights_only=True)
     assert all(torch.isfinite(v).all() for v in proj.values())
+
+
+def test_runs_as_a_file_like_upstream(tiny_assets, work):
+    """`deepspeed llava_contrastive/train.py ...` runs the file: the package directory must not
+    shadow the standard library (the core has a queue.py)."""
+    import sys
+
+    out = work / "as_file"
+    proc = subprocess.run([sys.executable, "llava_contrastive/train.py", *runs.stage1_args(tiny_assets, out, steps=2)],
+                          cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(runs.train_logs(out)) == 2 and (out / "mm_projector.bin").exists()
