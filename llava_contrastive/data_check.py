@@ -32,7 +32,6 @@ import os
 import stat as stat_mod
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -475,40 +474,40 @@ def check_records(records: list, image_folder: Optional[str], *, mode: str = "qu
         entries = _load_cache(cache_path, folder_abs, mode)
         new_entries: Dict[str, list] = {}
         results: Dict[str, Tuple[Optional[str], str, Optional[str]]] = {}
-        lock = threading.Lock()
-        hits = [0]
-
-        def one(image: str):
-            path = os.path.join(folder_abs, image)
-            try:
-                st = os.stat(path)
-            except OSError:
-                return check_image_file(path, mode)
-            cached = entries.get(image)
-            if cached is not None and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
-                with lock:
-                    hits[0] += 1
-                    new_entries[image] = cached
-                return cached[2], cached[3], cached[4]
-            res = check_image_file(path, mode, stat_result=st)
-            with lock:
-                new_entries[image] = [st.st_size, st.st_mtime_ns, res[0], res[1], res[2]]
-            return res
-
+        misses: List[Tuple[str, str, os.stat_result]] = []
         bar = _progress_bar(len(want), f"data check ({mode})", progress)
         try:
-            for image, res in _bounded_map(one, list(want), max(1, int(workers))):
+            for image in want:  # stat + cache lookup in this thread: cheap, threads would only slow it
+                path = os.path.join(folder_abs, image)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    results[image] = check_image_file(path, mode)
+                    bar.update(1)
+                    continue
+                cached = entries.get(image)
+                if cached is not None and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
+                    results[image] = (cached[2], cached[3], cached[4])
+                    cache_hits += 1
+                    bar.update(1)
+                else:
+                    misses.append((image, path, st))
+
+            def one(miss: Tuple[str, str, os.stat_result]):
+                return check_image_file(miss[1], mode, stat_result=miss[2])
+
+            for (image, _, st), res in _bounded_map(one, misses, max(1, int(workers))):
                 results[image] = res
+                new_entries[image] = [st.st_size, st.st_mtime_ns, res[0], res[1], res[2]]
                 bar.update(1)
         finally:
             bar.close()
-        cache_hits = hits[0]
         for image, (reason, detail, pil_mode) in results.items():
             image_mode[image] = pil_mode
             if reason is not None:
                 for i in want[image]:
                     bad[i] = BadRecord(i, records[i].get("id"), image, reason, detail)
-        if cache_path and cache_hits < len(new_entries):
+        if cache_path and new_entries:
             merged = dict(entries)
             merged.update(new_entries)
             try:
@@ -570,7 +569,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 description="Check a LLaVA training corpus (records and images) before training.")
     p.add_argument("--data_path", required=True)
     p.add_argument("--image_folder", default=None)
-    p.add_argument("--mode", default="quick", choices=[m for m in MODES if m != "off"] + ["off"])
+    p.add_argument("--mode", default="quick", choices=MODES, help="off = records only (no file access)")
     p.add_argument("--stage", default="pretrain", choices=STAGES,
                    help="pretrain = plain template (stage 1); instruct = multi-turn (stage 2)")
     p.add_argument("--model_name_or_path", default=None, help="LLM folder: its tokenizer measures prompts/captions")

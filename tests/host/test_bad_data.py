@@ -244,11 +244,12 @@ def test_off_skips_the_check_but_guards_the_dataset(host, plain, corpus, tmp_pat
 # ----------------------------------------------------------------------------- the real CLI (slow)
 
 
-def _stage1(assets, out: Path, data: Path, folder: Path, extra: list[str]):
-    args = runs.stage1_args(assets, out, steps=-1, batch=BATCH, extra=[
+def _stage1(assets, out: Path, data: Path, folder: Path, extra: list[str], nproc: int = 1):
+    args = runs.stage1_args(assets, out, steps=-1, batch=BATCH // nproc, extra=[
         "--data_path", str(data), "--image_folder", str(folder), "--num_train_epochs", "1",
         "--data_check_cache", str(out.parent / f"{out.name}.cache.json"), *extra])
-    return runs.run("llava_contrastive.train", args, check=False, log=out.parent / f"{out.name}.log")
+    return runs.run("llava_contrastive.train", args, nproc=nproc, force_launcher=nproc > 1, check=False,
+                    timeout=600, log=out.parent / f"{out.name}.log")
 
 
 @pytest.mark.slow
@@ -259,7 +260,6 @@ def test_cli_policy_error_stops_before_step_1(tiny_assets, tmp_path):
     assert proc.returncode != 0
     for rid, reason in bad.items():
         assert any(f"id={rid!r}" in line and reason in line for line in proc.stderr.splitlines()), (rid, reason)
-    assert "DataCheckError" in proc.stderr
     assert not list(out.glob("checkpoint-*")) and not (out / "trainer_state.json").exists()
     assert not (out / "mm_projector.bin").exists()
 
@@ -280,3 +280,25 @@ def test_cli_policy_skip_trains_on_exactly_the_good_records(tiny_assets, tmp_pat
     report = json.loads((out / "data_check_report.json").read_text())
     assert report["n_good"] == N_GOOD and report["n_bad"] == len(bad) and report["mode"] == "full"
     assert report["mode_counts"] == {"RGB": N_GOOD - 3, "L": 1, "P": 1, "CMYK": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_cli_two_ranks_check_once_and_agree(tiny_assets, tmp_path):
+    """2 ranks (DeepSpeed ZeRO-2, gloo): rank 0 checks, both get its verdict: under error both exit
+    (no hang); under skip both train on the same good records (global batch 8 -> 3 steps)."""
+    data, folder, bad = bad_stage1_corpus(tmp_path / "corpus", tiny_assets)
+    ds = ["--deepspeed", str(runs.ZERO2)]
+    err = _stage1(tiny_assets, tmp_path / "error2", data, folder,
+                  ["--data_check", "full", "--data_check_policy", "error", *ds], nproc=2)
+    assert err.returncode != 0
+    assert any("id='truncated'" in line and "truncated_image" in line for line in err.stderr.splitlines())
+    assert not (tmp_path / "error2" / "trainer_state.json").exists()
+    out = tmp_path / "skip2"
+    ok = _stage1(tiny_assets, out, data, folder, ["--data_check", "full", "--data_check_policy", "skip", *ds], nproc=2)
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    assert ok.stderr.count("images checked in") + ok.stdout.count("images checked in") == 1  # checked once
+    assert sorted(s["id"] for s in json.loads((out / "skipped_records.json").read_text())) == sorted(bad)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["max_steps"] == state["global_step"] == math.ceil(N_GOOD / BATCH)

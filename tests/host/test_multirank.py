@@ -93,3 +93,32 @@ def test_upstream_stage2_lora_zero3_trains_from_contrastive_projector(tiny_asset
     assert (out / "adapter_model.safetensors").exists() and (out / "non_lora_trainables.bin").exists()
     non_lora = torch.load(out / "non_lora_trainables.bin", weights_only=True)
     assert any("mm_projector" in k for k in non_lora)
+
+
+def test_zero2_checkpoint_excludes_frozen_llm_and_resumes(tiny_assets, work, eight_records, initial_projector, zero2):
+    """DeepSpeed stage-1 checkpoints hold the trainable parameters only; re-running the command
+    after losing the last checkpoint resumes from the previous one with the same losses."""
+    import shutil
+
+    out = work / "zero2_resume"
+    args = runs.stage1_args(tiny_assets, out, steps=STEPS, batch=4, extra=[
+        "--data_path", str(eight_records), "--pretrain_mm_mlp_adapter", str(initial_projector),
+        "--deepspeed", str(runs.ZERO2), "--save_steps", "3"])
+    runs.run("llava_contrastive.train", args, nproc=2, log=work / "zero2_resume_a.log")
+    states = list((out / "checkpoint-3").glob("global_step3/*model_states.pt"))
+    assert states, sorted(p.name for p in (out / "checkpoint-3").rglob("*"))
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    assert module and all("mm_projector" in k or "contrastive_head" in k for k in module), sorted(module)[:5]
+
+    shutil.rmtree(out / "checkpoint-6")
+    for name in ("mm_projector.bin", "trainer_state.json", "contrastive_head.safetensors"):
+        (out / name).unlink()
+    runs.run("llava_contrastive.train", args, nproc=2, log=work / "zero2_resume_b.log")
+    resumed, reference = runs.train_logs(out), runs.train_logs(zero2)
+    assert [h["step"] for h in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    mine = torch.load(out / "mm_projector.bin", weights_only=True)
+    ref = torch.load(zero2 / "mm_projector.bin", weights_only=True)
+    for k in ref:
+        torch.testing.assert_close(mine[k], ref[k], rtol=0, atol=1e-6)

@@ -164,11 +164,11 @@ def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any,
         write_json_atomic(os.path.join(output_dir, REPORT_NAME), out, indent=1)
 
     report = _check_once(run, write_report=write_report, is_main=is_main)
+    if report.bad and policy == "error":  # every rank raises, before the trainer exists
+        raise DataCheckError(report.summary(), report=report)
     if is_main:
         logger.info("%s", report.summary(max_items=20 if report.bad else 0))
     if report.bad:
-        if policy == "error":
-            raise DataCheckError(report.summary(), report=report)
         if not report.good_indices:
             raise DataCheckError("no good record left to train on.\n" + report.summary(), report=report)
         dataset = _keep_only(original_make, tokenizer, data_args, dataset, records, report, output_dir, is_main)

@@ -223,10 +223,20 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
+        engine = self.model_wrapped
         if self._stage1 and self.is_deepspeed_enabled and "exclude_frozen_parameters" in \
-                inspect.signature(self.model_wrapped.save_checkpoint).parameters:
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            return
+                inspect.signature(engine.save_checkpoint).parameters:
+            original = engine.save_checkpoint
+
+            def save_trainable_only(*args, **kwargs):  # the frozen LLM would be GBs per checkpoint
+                kwargs.setdefault("exclude_frozen_parameters", True)
+                return original(*args, **kwargs)
+
+            engine.save_checkpoint = save_trainable_only
+            try:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            finally:
+                del engine.save_checkpoint  # back to the class method
         super()._save_optimizer_and_scheduler(output_dir)
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None):

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Training-step benchmark (llava_contrastive.bench) with the project environment; writes
+# bench-out/bench.json and bench-out/bench.md (the tables of BENCHMARKS.md).
+# Environment (all optional):
+#   SHAPE=tiny|small|both (both)  ROUNDS (5)  WARMUP (1)  STEPS (1: steps per variant per round)
+#   BATCH (8)  VARIANTS (a,b,c,d,e,f,g)  THREADS (1)  OUT (bench-out)  MEMORY=1 (on)  DATA=1 (on)
+#   PROFILE=c,d  (torch.profiler tables of one step per listed variant)
+# Extra arguments go to the benchmark.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+tiny_assets
+export LLAVA_CONTRASTIVE_QUIET=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-$repo/bench-out}"
+mkdir -p "$OUT"
+flags=(--shape "${SHAPE:-both}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-1}" --steps-per-round "${STEPS:-1}"
+       --batch "${BATCH:-8}" --variants "${VARIANTS:-a,b,c,d,e,f,g}" --threads "${THREADS:-1}"
+       --json "$OUT/bench.json" --markdown "$OUT/bench.md")
+[[ "${MEMORY:-1}" == 1 ]] && flags+=(--memory)
+[[ "${DATA:-1}" == 1 ]] && flags+=(--data)
+[[ -n "${PROFILE:-}" ]] && flags+=(--profile "$PROFILE")
+{ echo "## Machine"; lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|L2|L3)'; uptime
+  "$PY" -c "import torch; print('torch', torch.__version__, 'default threads', torch.get_num_threads())"; } > "$OUT/machine.txt"
+cd "$repo"
+"$PY" -m llava_contrastive.bench "${flags[@]}" "$@" | tee "$OUT/bench.log"
+echo "bench: $OUT/bench.md $OUT/bench.json" >&2
