@@ -410,7 +410,9 @@ def profile_variant(runner: Runner, batches, top: int = 25) -> str:
     finally:
         for name in wrapped:
             delattr(model, name)
-    return prof.key_averages().table(sort_by="cpu_time_total", row_limit=top)
+    events = prof.key_averages()
+    phases = [f"  {e.key:45s} {e.cpu_time_total / 1e3:9.1f} ms total CPU" for e in events if e.key.startswith("bench::")]
+    return events.table(sort_by="cpu_time_total", row_limit=top) + "\nphases (bench:: wrappers):\n" + "\n".join(phases)
 
 
 # ----------------------------------------------------------------------------- output
@@ -492,7 +494,7 @@ def parse(argv=None):
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--data", action="store_true", help="data-loader throughput")
     p.add_argument("--data-workers", default="0,2,4")
-    p.add_argument("--data-batches", type=int, default=16)
+    p.add_argument("--data-batches", type=int, default=6)
     p.add_argument("--profile", default="", help="variants to profile (torch.profiler, one step each)")
     p.add_argument("--ranks", type=int, default=1, help="only 1 is implemented (see BENCHMARKS.md)")
     p.add_argument("--threads", type=int, default=1,

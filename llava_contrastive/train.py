@@ -57,6 +57,47 @@ def make_training_arguments(upstream_cls):
                                       namespace={"__post_init__": __post_init__})
 
 
+def make_data_arguments(upstream_cls):
+    """Upstream's DataArguments with the --data_check* flags merged in."""
+    from llava_contrastive.data_check import DataCheckArguments
+
+    extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+             for f in dataclasses.fields(DataCheckArguments)]
+    return dataclasses.make_dataclass("DataArguments", extra, bases=(upstream_cls,))
+
+
+def make_checked_data_module(original, argv: list[str]):
+    """Upstream's make_supervised_data_module behind the data check (run once, on rank 0) and the
+    runtime guard (see llava_contrastive/hosts/llava/data.py)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_dir", default=".")
+    parser.add_argument("--vision_tower", default=None)
+    parser.add_argument("--mm_vision_select_feature", default="patch")
+    known = parser.parse_known_args(argv)[0]
+
+    def make(tokenizer, data_args):
+        from llava_contrastive.hosts.llava.data import make_checked_data_module as checked
+
+        is_main = int(os.environ.get("RANK", "0") or 0) == 0
+        return checked(original, tokenizer, data_args, known.output_dir, is_main,
+                       image_tokens=_image_tokens(known.vision_tower, known.mm_vision_select_feature))
+
+    return make
+
+
+def _image_tokens(vision_tower: str | None, select_feature: str) -> int:
+    """Tokens one image takes in the LLM sequence (0 when unknown): for the caption-length check."""
+    if not vision_tower:
+        return 0
+    try:
+        from transformers import CLIPVisionConfig
+
+        cfg = CLIPVisionConfig.from_pretrained(vision_tower)
+    except Exception:  # noqa: BLE001 - only a bound for a data check
+        return 0
+    return (cfg.image_size // cfg.patch_size) ** 2 + (1 if select_feature == "cls_patch" else 0)
+
+
 def make_final_save(original):
     def save_final(trainer, output_dir: str) -> None:
         stage1 = getattr(trainer.args, "tune_mm_mlp_adapter", False)
@@ -74,9 +115,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def plugin_globals(namespace: dict) -> dict:
+def plugin_globals(namespace: dict, argv: list[str] | None = None) -> dict:
     """Replacements for upstream `llava.train.train` globals: the contrastive model, trainer,
-    merged TrainingArguments, and the final save (stage-1 head; no CUDA sync on CPU)."""
+    merged argument classes, the checked data module, and the final save (stage-1 head; no CUDA
+    sync on CPU)."""
     from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
     from llava_contrastive.hosts.llava.trainer import ContrastiveLLaVATrainer
 
@@ -84,6 +126,9 @@ def plugin_globals(namespace: dict) -> dict:
         "LlavaLlamaForCausalLM": ContrastiveLlavaForCausalLM,
         "LLaVATrainer": ContrastiveLLaVATrainer,
         "TrainingArguments": make_training_arguments(namespace["TrainingArguments"]),
+        "DataArguments": make_data_arguments(namespace["DataArguments"]),
+        "make_supervised_data_module": make_checked_data_module(
+            namespace["make_supervised_data_module"], list(sys.argv[1:] if argv is None else argv)),
         "safe_save_model_for_hf_trainer": make_final_save(namespace["safe_save_model_for_hf_trainer"]),
     }
 
@@ -92,7 +137,7 @@ def activate(namespace: dict, argv: list[str] | None = None) -> None:
     """Used by patches/: switch an upstream `llava/train/train.py` module namespace to the plugin
     (idempotent) and seed from `--seed` before the model is built."""
     if not namespace.get("_LLAVA_CONTRASTIVE_ACTIVE"):
-        namespace.update(plugin_globals(namespace))
+        namespace.update(plugin_globals(namespace, argv))
         namespace["_LLAVA_CONTRASTIVE_ACTIVE"] = True
     seed_from_argv(list(sys.argv[1:] if argv is None else argv))
 

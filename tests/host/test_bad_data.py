@@ -191,11 +191,13 @@ def test_runtime_failure_under_policy_error_names_the_record(host, plain, corpus
     saved = target.read_bytes()
     target.unlink()
     try:
-        with pytest.raises(DataCheckError) as err:
-            ds[2]
-        assert repr(good[2]["id"]) in str(err.value) and str(target) in str(err.value)
-        assert "missing_image" in str(err.value)
-        assert err.value.record.id == good[2]["id"]
+        item = ds[2]  # policy error: the next record, flagged so that all ranks stop together
+        flag = item["_bad_record"]
+        assert repr(good[2]["id"]) in flag and str(target) in flag and "missing_image" in flag
+        assert item["input_ids"].tolist() == ds[3]["input_ids"].tolist()
+        collate = _make(host, copy, folder, tmp_path, data_check="off", data_check_policy="error")["data_collator"]
+        batch = collate([ds[1], item])
+        assert batch["_bad_records"] == [flag] and batch["input_ids"].shape[0] == 2
     finally:
         target.write_bytes(saved)
 
@@ -302,3 +304,37 @@ def test_cli_two_ranks_check_once_and_agree(tiny_assets, tmp_path):
     assert sorted(s["id"] for s in json.loads((out / "skipped_records.json").read_text())) == sorted(bad)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["max_steps"] == state["global_step"] == math.ceil(N_GOOD / BATCH)
+
+
+@pytest.mark.slow
+def test_file_vanishing_mid_training_stops_all_ranks_with_a_checkpoint(tiny_assets, tmp_path):
+    """--data_check off lets a missing file reach training: under policy error the run stops at
+    the step that meets it, naming the record, after saving a resumable checkpoint; with the file
+    back, the same command resumes."""
+    import shutil
+
+    from . import runs
+
+    records = json.loads(Path(tiny_assets.pretrain_json).read_text())[:48]
+    folder = tmp_path / "images"
+    for r in records:
+        (folder / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(tiny_assets.image_folder) / r["image"], folder / r["image"])
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    victim = folder / records[40]["image"]
+    saved = victim.read_bytes()
+    victim.unlink()
+    out = tmp_path / "out"
+    args = runs.stage1_args(tiny_assets, out, steps=6, extra=[
+        "--data_path", str(data), "--image_folder", str(folder), "--data_check", "off", "--save_steps", "1000"])
+    proc = runs.run("llava_contrastive.train", args, check=False, log=tmp_path / "vanish.log")
+    assert proc.returncode != 0
+    assert "became unreadable at optimizer step" in proc.stderr and records[40]["id"] in proc.stderr
+    ckpts = list(out.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "mm_projector.bin").exists() and (ckpts[0] / "optimizer.pt").exists()
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 <= stopped_at < 6
+    victim.write_bytes(saved)
+    runs.run("llava_contrastive.train", args, log=tmp_path / "vanish_resume.log")
+    assert [h["step"] for h in runs.train_logs(out)] == list(range(1, 7))

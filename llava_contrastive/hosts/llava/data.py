@@ -36,6 +36,27 @@ REPORT_NAME = "data_check_report.json"
 SKIPPED_NAME = "skipped_records.json"
 CHECKED_DATA_NAME = "train_checked.json"
 RUNTIME_SKIPS_NAME = "runtime_skipped_records.jsonl"
+BAD_RECORD_KEY = "_bad_record"  # sample key set by GuardedDataset under policy error
+BAD_RECORDS_KEY = "_bad_records"  # batch key read (and removed) by the trainer
+
+
+class FlaggingCollator:
+    """Upstream's collator, plus ``batch["_bad_records"]`` listing records of the micro-batch that
+    failed to load under --data_check_policy error."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, instances):
+        bad = [x.pop(BAD_RECORD_KEY) for x in instances if isinstance(x, dict) and BAD_RECORD_KEY in x]
+        batch = self.collator(instances)
+        if bad:
+            batch[BAD_RECORDS_KEY] = bad
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["collator"], name)
+
 WAIT_TIMEOUT_ENV = "LLAVA_CONTRASTIVE_DATA_CHECK_TIMEOUT"  # seconds the other ranks wait for rank 0
 
 
@@ -135,6 +156,7 @@ def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any,
     module = original_make(tokenizer=tokenizer, data_args=data_args)
     dataset = module["train_dataset"]
     guard_log = os.path.join(output_dir, RUNTIME_SKIPS_NAME) if output_dir else None
+    module["data_collator"] = FlaggingCollator(module["data_collator"])
     if mode == "off":
         module["train_dataset"] = GuardedDataset(dataset, policy, log_path=guard_log)
         return module
@@ -293,27 +315,34 @@ class GuardedDataset(Dataset):
             return self.dataset[i]
         n = len(self.dataset)
         j = i
+        failures = []
         for _ in range(min(n, self.max_failures + 1)):
             if j not in self._failed:
                 try:
-                    return self.dataset[j]
+                    sample = self.dataset[j]
                 except Exception as exc:
-                    self._failed_at(j, exc, requested=i)
+                    failures.append(self._failed_at(j, exc, requested=i))
+                else:
+                    if failures and self.policy != "skip":
+                        # policy error: the trainer stops all ranks together at this step (after a
+                        # resumable checkpoint) instead of one rank dying inside its DataLoader
+                        sample = dict(sample)
+                        sample[BAD_RECORD_KEY] = "; ".join(failures)
+                    return sample
             j = (j + 1) % n
         raise DataCheckError(f"no loadable record found from index {i} on (tried {min(n, self.max_failures + 1)} "
                              f"records); the corpus changed under the run: re-run the data check")
 
-    def _failed_at(self, j: int, exc: Exception, requested: int) -> None:
+    def _failed_at(self, j: int, exc: Exception, requested: int) -> str:
+        """Log and remember a record that failed to load; returns its description."""
         if isinstance(exc, DataCheckError):
             raise exc
         reason, detail = classify_exception(exc)
         d = self._describe(j)
         where = f"record #{j} id={d['id']!r} image {d['path']!r}"
         if self.policy != "skip":
-            raise DataCheckError(
-                f"{where}: {reason} ({detail}) while loading it during training. Fix the file and re-run the "
-                f"same command to resume, or pass --data_check_policy skip to skip records that fail to load",
-                record=BadRecord(j, d["id"], d["image"], reason, detail)) from exc
+            self._failed.add(j)
+            return f"{where}: {reason} ({detail})"
         self._failed.add(j)
         count = self._skips.add(1)
         logger.warning("data: %s failed to load during training: %s (%s); using the next record instead "
@@ -331,3 +360,4 @@ class GuardedDataset(Dataset):
                 f"{count} records failed to load during training, more than the limit of {self.max_failures} "
                 f"(1% of {len(self.dataset)} + 10): the corpus changed under the run (last: {where}: {reason}). "
                 f"Re-run the data check (--data_check full) and fix the files") from exc
+        return f"{where}: {reason} ({detail})"

@@ -28,6 +28,7 @@ from ...config import ContrastiveArguments
 from . import checkpoint as ckpt
 from .compat import LLaVATrainer
 from ...faults import fault_step
+from .data import BAD_RECORDS_KEY
 from .model import ContrastiveCausalLMOutput
 
 logger = logging.getLogger("llava_contrastive")
@@ -112,26 +113,37 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        bad_records = inputs.pop(BAD_RECORDS_KEY, None) or []
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if model.training:
             if fault_step("nonfinite_loss") == self.state.global_step + 1:
                 loss = loss * float("nan")
-            loss = self._guard_finite(model, loss, outputs)
+            loss = self._guard_finite(model, loss, outputs, bad_records)
             if isinstance(outputs, ContrastiveCausalLMOutput):
                 self._accumulate(outputs)
         return (loss, outputs) if return_outputs else loss
 
-    def _guard_finite(self, model, loss, outputs):
+    def _guard_finite(self, model, loss, outputs, bad_records=()):
         """Stop (or, within --nonfinite_max_skips, zero this micro-batch's gradient) on a non-finite
-        loss or logit scale. All ranks agree through one all-reduce, so none is left in a collective."""
+        loss or logit scale; stop on a record that went bad during training (--data_check_policy
+        error). All ranks agree through one all-reduce, so none is left waiting in a collective."""
         scale = getattr(outputs, "logit_scale", None)
-        bad = ~torch.isfinite(loss.detach().float())
+        nonfinite = ~torch.isfinite(loss.detach().float())
         if scale is not None:
-            bad = bad | ~torch.isfinite(scale.float())
-        bad = bad.float().reshape(1)
+            nonfinite = nonfinite | ~torch.isfinite(scale.float())
+        flags = torch.stack([nonfinite.float().reshape(()),
+                             torch.tensor(float(len(bad_records)), device=nonfinite.device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if not bool(bad.item()):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite_any, bad_any = (bool(v) for v in flags.tolist())
+        if bad_any:
+            from ...data_check import DataCheckError
+
+            where = "; ".join(bad_records) if bad_records else "on another rank (see its log)"
+            raise DataCheckError(f"a training record became unreadable at optimizer step {self.state.global_step + 1}: "
+                                 f"{where}. --data_check_policy error stops here (a resumable checkpoint is saved); "
+                                 "fix or remove the record, or use --data_check_policy skip, then re-run the command.")
+        if not nonfinite_any:
             return loss
         self._nonfinite_count = getattr(self, "_nonfinite_count", 0) + 1
         step = self.state.global_step + 1
@@ -274,9 +286,17 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
                 torch.cuda.random.set_rng_state(state["cuda"])
 
     def train(self, *args, **kwargs):
+        from ...data_check import DataCheckError
+
         self._remove_stale_staging()
         with _deepspeed_nonstrict_module_load(self._stage1):
-            return super().train(*args, **kwargs)
+            try:
+                return super().train(*args, **kwargs)
+            except DataCheckError:
+                # every rank raised at the same step (_guard_finite): save collectively, then stop
+                logger.error("saving a resumable checkpoint at step %d before stopping", self.state.global_step)
+                self._save_checkpoint(self.model, trial=None)
+                raise
 
     def _remove_stale_staging(self) -> None:
         """A crash while saving leaves tmp-checkpoint-N (never picked up for resuming: only complete,
