@@ -45,11 +45,23 @@ CONFIGS: Dict[str, List[str]] = {
     "text_llm_e5v": ["--contrastive_text_source", "llm", "--contrastive_prompt", "e5v"],
     "image_llm": ["--contrastive_image_source", "llm"],
     "head_linear": ["--contrastive_head", "linear"],
+    "infonce_w0.25_head": ["--contrastive_weight", "0.25", "--contrastive_head", "linear"],
+    "infonce_w0.5_head": ["--contrastive_weight", "0.5", "--contrastive_head", "linear"],
+    "infonce_w1_head": ["--contrastive_weight", "1.0", "--contrastive_head", "linear"],
+    "siglip_w0.05": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.05"],
+    "siglip_w0.1": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.1"],
+    "siglip_w0.2": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.2"],
+    "siglip_w0.1_T0.03": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.1",
+                          "--contrastive_temperature", "0.03"],
+    "siglip_w0.05_head": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.05", "--contrastive_head", "linear"],
+    "siglip_w0.1_head": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.1", "--contrastive_head", "linear"],
+    "siglip_w0.5_head": ["--contrastive_loss", "siglip", "--contrastive_weight", "0.5", "--contrastive_head", "linear"],
+    "siglip_w1_head": ["--contrastive_loss", "siglip", "--contrastive_weight", "1.0", "--contrastive_head", "linear"],
     "proj_linear": ["--mm_projector_type", "linear"],
     "proj_linear_ntp_only": ["--mm_projector_type", "linear", "--contrastive_weight", "0"],
     "proj_mlp2x_gelu": ["--mm_projector_type", "mlp2x_gelu"],
 }
-DEFAULT_CONFIGS = ["ntp_only", "joint_w0.25", "joint_w0.5", "joint_w1", "joint_w2", "siglip", "text_llm_prompteol",
+DEFAULT_CONFIGS = ["ntp_only", "infonce_w0.25_head", "infonce_w0.5_head", "joint_w0.1", "joint_w0.25", "joint_w0.5", "joint_w1", "joint_w2", "siglip", "text_llm_prompteol",
                    "text_llm_none", "text_llm_e5v", "image_llm", "proj_linear", "proj_linear_ntp_only"]
 METRICS = ("i2t@1", "t2i@1", "i2t@5", "modality_gap", "ntp_loss", "train_final_ntp_loss", "s_per_step")
 
@@ -86,6 +98,8 @@ def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
     report_path = out / "eval" / "report.json"
     if report_path.is_file() and not a.force:
         return _row(name, seed, json.loads(report_path.read_text()))
+    if a.report_only:
+        return {"config": name, "seed": seed, "error": "not run"}
     out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
     t0 = time.time()
@@ -103,8 +117,8 @@ def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
             "--output_dir", str(out / "eval"), "--no_progress"]
     if a.max_samples:
         ecmd += ["--max_samples", str(a.max_samples)]
-    if name in ("ntp_only", "proj_linear_ntp_only") or "--contrastive_weight" in flags and _weight(flags) == 0:
-        pass  # the baseline is scored in the default embedding space (input_embeds mean / projector mean)
+    # every run is scored in its own embedding space (run's contrastive_config.json); weight-0 runs in the
+    # default one (caption input-embedding mean vs projected-token mean), the space of the default joint run
     with open(log, "a") as f:
         proc = subprocess.run(ecmd, cwd=REPO, env=env(a.threads), stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
@@ -196,7 +210,7 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
     ]
     for s in summary:
         if not s.get("seeds"):
-            lines.append(f"| {s['config']} | failed | | | | | | | | | |")
+            lines.append(f"| {s['config']} | not run / failed | | | | | | | | | |")
             continue
 
         def f(k, p=3):
@@ -260,6 +274,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // jobs)")
     p.add_argument("--force", action="store_true", help="redo runs that have a report")
+    p.add_argument("--report_only", action="store_true", help="train nothing: tabulate the runs that have a report")
     p.add_argument("--tiny_root", default=str(REPO / "playground" / "tiny"))
     a = p.parse_args(argv)
     if not a.threads:
@@ -280,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     unknown = [n for n in names if n not in configs]
     if unknown:
         sys.exit(f"unknown configuration(s) {unknown}; known: {' '.join(configs)}")
+    if a.report_only:
+        a.force = False
     if "ntp_only" not in names:
         names = ["ntp_only", *names]
     out = Path(a.output_dir)

@@ -161,10 +161,34 @@ def patched_upstream():
         namespace.update(saved)
 
 
+def check_pretrained_projector(argv: list[str]) -> None:
+    """A --pretrain_mm_mlp_adapter that does not fit the model fails here, naming the file and the
+    shapes, instead of deep inside upstream's strict load_state_dict."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag, default in (("--pretrain_mm_mlp_adapter", None), ("--model_name_or_path", None),
+                          ("--vision_tower", None), ("--mm_projector_type", "linear")):
+        parser.add_argument(flag, default=default)
+    known = parser.parse_known_args(argv)[0]
+    if not (known.pretrain_mm_mlp_adapter and known.model_name_or_path and known.vision_tower):
+        return
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    from llava_contrastive.hosts.llava.checkpoint import check_projector_file
+
+    try:
+        hidden = AutoConfig.from_pretrained(known.model_name_or_path).hidden_size
+        mm_hidden = CLIPVisionConfig.from_pretrained(known.vision_tower).hidden_size
+    except Exception as err:  # noqa: BLE001 - upstream reports unreachable models itself
+        logger.debug("projector pre-check skipped: %s", err)
+        return
+    check_projector_file(known.pretrain_mm_mlp_adapter, known.mm_projector_type, mm_hidden, hidden)
+
+
 def main(attn_implementation: str | None = None, argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("LOCAL_RANK", "0") or 0) <= 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_pretrained_projector(argv)
     seed_from_argv(argv)
     saved_argv = sys.argv
     sys.argv = [saved_argv[0]] + argv

@@ -79,6 +79,36 @@ def load_projector_state(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable projector file ({err})") from err
 
 
+def expected_projector_shapes(projector_type: str, mm_hidden_size: int, hidden_size: int) -> Dict[str, tuple]:
+    """Upstream's mm_projector parameter shapes (keys relative to mm_projector) for a projector type."""
+    import re
+
+    if projector_type == "linear":
+        return {"weight": (hidden_size, mm_hidden_size), "bias": (hidden_size,)}
+    match = re.match(r"^mlp(\d+)x_gelu$", projector_type)
+    if not match:
+        return {}  # identity / a fork's own type: nothing to check
+    shapes = {}
+    for i in range(int(match.group(1))):
+        shapes[f"{2 * i}.weight"] = (hidden_size, mm_hidden_size if i == 0 else hidden_size)
+        shapes[f"{2 * i}.bias"] = (hidden_size,)
+    return shapes
+
+
+def check_projector_file(path: str, projector_type: str, mm_hidden_size: int, hidden_size: int) -> None:
+    """Fail before any model is built when --pretrain_mm_mlp_adapter does not fit the model."""
+    state = load_projector_state(path)
+    got = {k.split("mm_projector.", 1)[1]: tuple(v.shape) for k, v in state.items() if "mm_projector." in k}
+    if not got:
+        raise ValueError(f"{path}: no mm_projector weights in this file (keys: {sorted(state)[:5]})")
+    want = expected_projector_shapes(projector_type, mm_hidden_size, hidden_size)
+    if want and got != want:
+        raise ValueError(
+            f"{path}: projector weights {got} do not fit --mm_projector_type {projector_type} between a vision "
+            f"tower of hidden size {mm_hidden_size} and an LLM of hidden size {hidden_size} (expected {want}). "
+            "Use the projector trained for this LLM / vision tower / projector type.")
+
+
 def load_stage1_weights(model, checkpoint_dir: str) -> None:
     """Restore projector (and head) from a stage-1 directory into ``model``, checking names and
     shapes with errors that name the file and the mismatch."""

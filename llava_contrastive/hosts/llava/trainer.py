@@ -131,11 +131,17 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         nonfinite = ~torch.isfinite(loss.detach().float())
         if scale is not None:
             nonfinite = nonfinite | ~torch.isfinite(scale.float())
+        rows = getattr(outputs, "contrastive_rows", None)
         flags = torch.stack([nonfinite.float().reshape(()),
-                             torch.tensor(float(len(bad_records)), device=nonfinite.device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite_any, bad_any = (bool(v) for v in flags.tolist())
+                             torch.tensor(float(len(bad_records)), device=nonfinite.device),
+                             (rows if rows is not None else torch.zeros(())).to(nonfinite.device).float()])
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            dist.all_reduce(flags)  # sums: any non-finite, any bad record, global contrastive pairs
+        nonfinite_any, bad_any = bool(flags[0].item()), bool(flags[1].item())
+        if rows is not None:
+            pairs = float(flags[2]) if (distributed and self.contrastive_args.contrastive_gather) else float(rows)
+            self._count_skipped_term(pairs)
         if bad_any:
             from ...data_check import DataCheckError
 
@@ -161,6 +167,18 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
                        step, detail, self._nonfinite_count, budget)
         trainable = [p for p in model.parameters() if p.requires_grad]
         return sum(p.sum() for p in trainable) * 0.0
+
+    def _count_skipped_term(self, pairs: float) -> None:
+        """A micro-batch whose global batch holds fewer than 2 image-caption pairs has no negatives:
+        the contrastive term is zero there (decided on all ranks together). Counted, logged."""
+        queue = self._contrastive_model.contrastive_head.queue if self._contrastive_model is not None else None
+        if pairs >= 2 or (queue is not None and int(queue.filled) > 0 and pairs >= 1):
+            return
+        self._skipped_terms = getattr(self, "_skipped_terms", 0) + 1
+        if self._skipped_terms in (1, 10, 100) or self._skipped_terms % 1000 == 0:
+            logger.warning("contrastive term skipped at step %d: %d image-caption pair(s) in the global batch, no "
+                           "negatives (%d such micro-batches so far)", self.state.global_step + 1, int(pairs),
+                           self._skipped_terms)
 
     def _accumulate(self, out: ContrastiveCausalLMOutput) -> None:
         rows = out.contrastive_rows
@@ -204,6 +222,8 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
             "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4),
             "negatives": round(max(global_rows - 1, 0) + (int(queue.filled) if queue is not None else 0), 2),
         }
+        if getattr(self, "_skipped_terms", 0):
+            logs["contrastive_skipped_total"] = self._skipped_terms
         if s["acc_rows"] > 0:
             logs["i2t_acc"] = round(s["i2t_hits"] / s["acc_rows"], 4)
             logs["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
