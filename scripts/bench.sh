@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Training-step benchmark (llava_contrastive.bench) with the project environment; writes
-# bench-out/bench.json and bench-out/bench.md (the tables of BENCHMARKS.md).
+# Training-step benchmark (llava_contrastive.bench) with the project environment; writes OUT/bench.json,
+# OUT/bench.md (the tables of BENCHMARKS.md), OUT/bench.log, OUT/machine.txt; OUT defaults to /tmp/llava-contrastive-bench-out.
 # Environment (all optional):
 #   SHAPE=tiny|small|both (both)  ROUNDS (5)  WARMUP (1)  STEPS (1: steps per variant per round)
 #   BATCH (8)  VARIANTS (a,b,c,d,e,f,g)  THREADS (1)  OUT (bench-out)  MEMORY=1 (on)  DATA=1 (on)
@@ -10,7 +10,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 tiny_assets
 export LLAVA_CONTRASTIVE_QUIET=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$repo/bench-out}"
+OUT="${OUT:-${TMPDIR:-/tmp}/llava-contrastive-bench-out}"
 mkdir -p "$OUT"
 flags=(--shape "${SHAPE:-both}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-1}" --steps-per-round "${STEPS:-1}"
        --batch "${BATCH:-8}" --variants "${VARIANTS:-a,b,c,d,e,f,g}" --threads "${THREADS:-1}"

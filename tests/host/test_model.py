@@ -194,3 +194,38 @@ def test_trainer_refuses_non_plain_template(upstream):
             _require_plain_template()
     finally:
         conv.default_conversation = saved
+
+
+def test_prompt_batch_equals_naive_concatenation():
+    from llava_contrastive.hosts.llava.model import build_prompt_batch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (5, 9), generator=g)
+    mask = torch.rand(5, 9, generator=g) > 0.4
+    mask[2] = False
+    mask[2, 4] = True
+    for prefix, suffix, bos in (([7, 8], [9], 1), ([], [], None), ([4], [5, 6, 7], 1)):
+        out, attention = build_prompt_batch(ids, mask, prefix, suffix, bos)
+        for i in range(5):
+            row = ([bos] if bos is not None else []) + prefix + ids[i][mask[i]].tolist() + suffix
+            assert out[i, : len(row)].tolist() == row and attention[i].sum() == len(row)
+            assert out[i, len(row):].eq(0).all()
+
+
+def test_image_position_mask_matches_upstream_splice(tiny_assets, upstream, batch):
+    """The positions the mask selects hold exactly the projected image tokens after upstream's
+    prepare_inputs_labels_for_multimodal (right padding, rows of different lengths)."""
+    from llava_contrastive.hosts.llava.model import image_position_mask, rows_with_one_image
+
+    model = build(tiny_assets, upstream)
+    model._capture_image_features = True
+    _, _, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+        batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+    features = model._captured_image_features
+    model._capture_image_features = False
+    valid, index = rows_with_one_image(batch["input_ids"])
+    lengths = torch.full((batch["input_ids"].shape[0],), features.shape[1])
+    mask = image_position_mask(batch["input_ids"], batch["attention_mask"], valid, lengths, embeds.shape[1],
+                               new_mask, "right")
+    for b in range(embeds.shape[0]):
+        torch.testing.assert_close(embeds[b][mask[b]], features[int(index[b])])

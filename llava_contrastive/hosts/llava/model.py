@@ -52,21 +52,20 @@ def rows_with_one_image(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def image_position_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                        valid: torch.Tensor, tokens_per_image: Sequence[int], seq_len: int,
+                        valid: torch.Tensor, tokens_per_image: torch.Tensor, seq_len: int,
                         new_attention_mask: Optional[torch.Tensor], padding_side: str) -> torch.Tensor:
-    """[B, seq_len] bool: positions of the (single) image's tokens in the spliced sequence."""
-    batch = input_ids.shape[0]
-    mask = torch.zeros(batch, seq_len, dtype=torch.bool, device=input_ids.device)
+    """[B, seq_len] bool: positions of the (single) image's tokens in the spliced sequence
+    (upstream drops padding, splices the image tokens in place of IMAGE_TOKEN_INDEX, re-pads)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    for b in torch.nonzero(valid).flatten().tolist():
-        ids = input_ids[b][attention_mask[b].bool()]
-        start = int(torch.nonzero(ids == IMAGE_TOKEN_INDEX)[0, 0])
-        if padding_side == "left" and new_attention_mask is not None:
-            start += seq_len - int(new_attention_mask[b].sum())
-        end = min(start + int(tokens_per_image[b]), seq_len)
-        mask[b, start:end] = True
-    return mask
+    attention_mask = attention_mask.bool()
+    image_pos = (input_ids == IMAGE_TOKEN_INDEX).int().argmax(dim=1, keepdim=True)
+    start = attention_mask.long().cumsum(1).gather(1, image_pos) - 1  # index among unpadded tokens
+    if padding_side == "left" and new_attention_mask is not None:
+        start = start + seq_len - new_attention_mask.long().sum(1, keepdim=True)
+    end = start + tokens_per_image.to(start.device).reshape(-1, 1)
+    positions = torch.arange(seq_len, device=input_ids.device).unsqueeze(0)
+    return (positions >= start) & (positions < end) & valid.reshape(-1, 1)
 
 
 class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
@@ -245,18 +244,23 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
     def _image_embeddings(self, input_ids, attention_mask, images, features, hidden_states,
                           new_attention_mask, valid, feature_index, rows):
         args = self.contrastive_args
-        per_image = split_per_image(features, images)
         if args.contrastive_image_source == "projector":
-            tokens = [per_image[int(feature_index[r])] for r in rows.tolist()]
-            length = max(t.shape[0] for t in tokens)
-            padded = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[-1])
-            mask = torch.zeros(len(tokens), length, dtype=torch.bool, device=padded.device)
-            for i, t in enumerate(tokens):
-                padded[i, : t.shape[0]] = t
-                mask[i, : t.shape[0]] = True
-            return pool(padded, mask, args.image_pooling)
+            if torch.is_tensor(images) and images.ndim == 4:  # one image per row: [N, T, D], no copy
+                tokens = features.index_select(0, feature_index[rows])
+                return pool(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device),
+                            args.image_pooling)
+            per_image = split_per_image(features, images)
+            return torch.stack([pool(per_image[int(feature_index[r])].unsqueeze(0),
+                                     torch.ones(1, per_image[int(feature_index[r])].shape[0], dtype=torch.bool,
+                                                device=features.device), args.image_pooling)[0]
+                                for r in rows.tolist()])
         states = select_layer(hidden_states, args.contrastive_image_layer)
-        lengths = [per_image[int(feature_index[b])].shape[0] if valid[b] else 0 for b in range(input_ids.shape[0])]
+        if torch.is_tensor(images) and images.ndim == 4:
+            lengths = torch.full((input_ids.shape[0],), features.shape[1], device=input_ids.device)
+        else:
+            per_image = split_per_image(features, images)
+            lengths = torch.tensor([per_image[int(i)].shape[0] for i in feature_index.tolist()],
+                                   device=input_ids.device)
         mask = image_position_mask(input_ids, attention_mask, valid, lengths, states.shape[1],
                                    new_attention_mask, getattr(self.config, "tokenizer_padding_side", "right"))
         return pool(states[rows], mask[rows], args.image_pooling)
@@ -333,16 +337,23 @@ def strip_trailing(ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) ->
 
 def build_prompt_batch(ids: torch.Tensor, caption_mask: torch.Tensor, prefix: List[int],
                        suffix: List[int], bos: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [bos] + prefix + caption + suffix per row, and its attention mask."""
-    head = ([bos] if bos is not None else []) + list(prefix)
-    rows = [head + ids[i][caption_mask[i]].tolist() + list(suffix) for i in range(ids.shape[0])]
-    length = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), length, dtype=torch.long, device=ids.device)
-    mask = torch.zeros(len(rows), length, dtype=torch.long, device=ids.device)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return out, mask
+    """Right-padded [bos] + prefix + caption + suffix per row, and its attention mask (built on the
+    device with one scatter per part, no per-row host round trips)."""
+    device = ids.device
+    head = torch.tensor(([bos] if bos is not None else []) + list(prefix), dtype=torch.long, device=device)
+    tail = torch.tensor(list(suffix), dtype=torch.long, device=device)
+    mask = caption_mask.bool()
+    lengths = mask.sum(1)
+    total = head.numel() + lengths + tail.numel()
+    out = torch.zeros(ids.shape[0], int(total.max()), dtype=torch.long, device=device)
+    out[:, : head.numel()] = head
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    out[rows, head.numel() + mask.long().cumsum(1)[rows, cols] - 1] = ids[rows, cols]
+    if tail.numel():
+        tail_cols = head.numel() + lengths.unsqueeze(1) + torch.arange(tail.numel(), device=device)
+        out.scatter_(1, tail_cols, tail.expand(ids.shape[0], -1))
+    attention = (torch.arange(out.shape[1], device=device).unsqueeze(0) < total.unsqueeze(1)).long()
+    return out, attention
 
 
 AutoConfig.register(ContrastiveLlavaConfig.model_type, ContrastiveLlavaConfig)
