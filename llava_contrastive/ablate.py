@@ -179,7 +179,8 @@ def summarise(rows: List[dict], configs: List[str]) -> List[dict]:
         if base_by_seed and name != "ntp_only":
             pairs = [(r, base_by_seed[r["seed"]]) for r in rs if r["seed"] in base_by_seed]
             if pairs:
-                s["i2t_ratio"] = statistics.mean(r["i2t@1"] / max(b["i2t@1"], 1e-9) for r, b in pairs)
+                base_i2t = statistics.mean(b["i2t@1"] for _, b in pairs)  # ratio of means (a seed may score 0)
+                s["i2t_ratio"] = statistics.mean(r["i2t@1"] for r, _ in pairs) / base_i2t if base_i2t > 0 else float("inf")
                 s["gap_change"] = statistics.mean(r["modality_gap"] / b["modality_gap"] - 1 for r, b in pairs)
                 s["ntp_change"] = statistics.mean(r["ntp_loss"] / b["ntp_loss"] - 1 for r, b in pairs)
         summary.append(s)
@@ -204,7 +205,7 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
         + f"; held-out n = {summary[0].get('n', '?') if summary else '?'} pairs (duplicate captions masked). "
         "Values are means over seeds (± sd). Criterion per seed vs ntp_only: i2t@1 >= 2x and >= 5x chance, "
         "gap <= 0.7x, held-out NTP <= 1.02x.", "",
-        "| config | i2t@1 | t2i@1 | i2t@1 / ntp_only | modality gap | gap vs ntp_only | held-out NTP | NTP vs ntp_only "
+        "| config | i2t@1 | t2i@1 | i2t@1 / ntp_only (ratio of means) | modality gap | gap vs ntp_only | held-out NTP | NTP vs ntp_only "
         "| final train NTP | s/step | criterion |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -216,7 +217,7 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
         def f(k, p=3):
             return f"{s[k]:.{p}f} ± {s[k + '_sd']:.{p}f}" if s.get(k + "_sd") else f"{s[k]:.{p}f}"
 
-        ratio = f"{s['i2t_ratio']:.2f}x" if "i2t_ratio" in s else "-"
+        ratio = "-" if "i2t_ratio" not in s else ("n/a (ntp_only 0)" if math.isinf(s["i2t_ratio"]) else f"{s['i2t_ratio']:.1f}x")
         gap = f"{100 * s['gap_change']:+.1f}%" if "gap_change" in s else "-"
         ntp = f"{100 * s['ntp_change']:+.2f}%" if "ntp_change" in s else "-"
         lines.append(f"| {s['config']} | {f('i2t@1')} | {f('t2i@1')} | {ratio} | {f('modality_gap')} | {gap} | "
@@ -239,13 +240,14 @@ def plot(path: Path, summary: List[dict]) -> None:
         return
     names = [s["config"] for s in ok]
     x = range(len(ok))
-    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.1 * len(ok) * 3), 4.2))
+    fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 0.45 * len(ok) + 2), 11), sharex=True)
     for ax, (k, label) in zip(axes, [("i2t@1", "held-out i2t recall@1"), ("modality_gap", "modality gap"),
                                      ("ntp_loss", "held-out NTP loss")]):
         ax.bar(x, [s[k] for s in ok], yerr=[s.get(k + "_sd", 0) for s in ok], capsize=3,
                color=["tab:gray" if n.endswith("ntp_only") else "tab:blue" for n in names])
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel(label)
         ax.set_title(label)
         if k == "i2t@1":
             ax.axhline(ok[0]["chance"] * 5, ls="--", c="red", lw=1, label="5x chance")

@@ -61,3 +61,11 @@ launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   ${CONTRASTIVE_WEIGHT:+--contrastive_weight "$CONTRASTIVE_WEIGHT"} \
   "$@"
 echo "pretrain_contrastive: projector at $OUTPUT_DIR/mm_projector.bin" >&2
+
+# The embedded default ends by measuring alignment on the held-out split (report.json + figures).
+# For real runs: python -m llava_contrastive.eval --help (and docs/EVALUATION.md).
+if [[ "$TINY" == 1 && "${NO_EVAL:-0}" != 1 && "${TRAIN_MODULE:-llava_contrastive.train}" == llava_contrastive.train ]]; then
+  "$PY" -m llava_contrastive.eval --model_name_or_path "$MODEL" --vision_tower "$VISION_TOWER" \
+    --projector "$OUTPUT_DIR" --data_path "$TINY_HELDOUT" --image_folder "$IMAGE_FOLDER" \
+    --output_dir "$OUTPUT_DIR/eval"
+fi
