@@ -1,7 +1,6 @@
 """llava_contrastive.data_check on a small corpus seeded with every kind of bad record."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -16,24 +15,18 @@ from PIL import Image
 from llava_contrastive import data_check as dc
 from llava_contrastive.data_check import check_records
 
+from corpus_helpers import noise_jpeg, record
+
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 20
 PROMPT = "Describe the image briefly.\n<image>"
 
 
 def _rec(rid, image, caption="a red square on a grey background.", prompt=PROMPT):
-    rec = {"id": rid, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]}
-    if image is not None:
-        rec["image"] = image
-    return rec
+    return record(rid, image, caption, prompt)
 
 
-def _noise_jpeg(size=160, seed=0) -> bytes:
-    rnd = random.Random(seed)
-    im = Image.frombytes("RGB", (size, size), bytes(rnd.getrandbits(8) for _ in range(size * size * 3)))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+_noise_jpeg = noise_jpeg
 
 
 def build_bad_corpus(root: Path, tiny_assets) -> tuple[list, Path, dict]:

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -18,25 +17,16 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from corpus_helpers import noise_jpeg, record
+
 from . import runs
 
 N_GOOD = 24
 BATCH = 8
 
 
-def _rec(rid, image, caption="a red square on a grey background.", prompt="Describe the image.\n<image>"):
-    rec = {"id": rid, "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]}
-    if image is not None:
-        rec["image"] = image
-    return rec
-
-
-def _noise_jpeg(size=160, seed=0) -> bytes:
-    rnd = random.Random(seed)
-    im = Image.frombytes("RGB", (size, size), bytes(rnd.getrandbits(8) for _ in range(size * size * 3)))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=95)
-    return buf.getvalue()
+_rec = record
+_noise_jpeg = noise_jpeg
 
 
 def bad_stage1_corpus(root: Path, assets) -> tuple[Path, Path, dict]:
