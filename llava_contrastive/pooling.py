@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "last_token", "pool", "caption_mask_from_labels", "caption_keys"]
+__all__ = ["masked_mean", "last_token", "pool", "caption_mask_from_labels", "caption_keys", "strip_trailing"]
 
 
 def _check(x: Tensor, mask: Tensor) -> Tensor:
@@ -91,3 +91,15 @@ def caption_keys(ids: Tensor, mask: Tensor) -> Tensor:
     h1 = _poly_hash(tok, m, exp, _B1, _P1)
     h2 = _poly_hash(tok, m, exp, _B2, _P2)
     return h1 * _P2 + h2
+
+
+def strip_trailing(ids: Tensor, mask: Tensor, drop: Tensor) -> Tensor:
+    """Remove trailing masked tokens whose id is in ``drop`` (keep at least one token)."""
+    if drop.numel() == 0:
+        return mask
+    is_drop = torch.isin(ids, drop) & mask
+    keep = mask & ~is_drop
+    # a token is kept if it is not droppable or a non-droppable caption token follows it
+    later_keep = torch.flip(torch.cumsum(torch.flip(keep.int(), [1]), 1), [1]) > 0
+    stripped = mask & (keep | later_keep)
+    return torch.where(stripped.any(dim=1, keepdim=True), stripped, mask)

@@ -19,7 +19,8 @@ from ...head import ContrastiveHead
 from ...losses import info_nce_loss, siglip_loss
 from ...metrics import in_batch_accuracy
 from ...pooling import caption_keys, pool
-from ...prompts import split_template
+from ...pooling import strip_trailing
+from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
 from ...queue import info_nce_loss_with_queue, validate_queue_usage
 from .compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
 
@@ -312,48 +313,6 @@ def split_per_image(features: torch.Tensor, images) -> List[torch.Tensor]:
 def select_layer(hidden_states, layer: int) -> torch.Tensor:
     """hidden_states from transformers: index 0 = embeddings, -1 = last layer after the norm."""
     return hidden_states[layer]
-
-
-def whitespace_token_ids(tokenizer) -> torch.Tensor:
-    """Ids whose text is only whitespace (the plain template's trailing separator)."""
-    ids = []
-    for token in ("\n", " ", "\n\n"):
-        ids.extend(tokenizer(token, add_special_tokens=False).input_ids)
-    ids = [i for i in set(ids) if tokenizer.decode([i]).strip() == ""]
-    return torch.tensor(sorted(ids), dtype=torch.long)
-
-
-def strip_trailing(ids: torch.Tensor, mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """Remove trailing masked tokens whose id is in ``drop`` (keep at least one token)."""
-    if drop.numel() == 0:
-        return mask
-    is_drop = torch.isin(ids, drop) & mask
-    keep = mask & ~is_drop
-    # a token is kept if it is not droppable or a non-droppable caption token follows it
-    later_keep = torch.flip(torch.cumsum(torch.flip(keep.int(), [1]), 1), [1]) > 0
-    stripped = mask & (keep | later_keep)
-    return torch.where(stripped.any(dim=1, keepdim=True), stripped, mask)
-
-
-def build_prompt_batch(ids: torch.Tensor, caption_mask: torch.Tensor, prefix: List[int],
-                       suffix: List[int], bos: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [bos] + prefix + caption + suffix per row, and its attention mask (built on the
-    device with one scatter per part, no per-row host round trips)."""
-    device = ids.device
-    head = torch.tensor(([bos] if bos is not None else []) + list(prefix), dtype=torch.long, device=device)
-    tail = torch.tensor(list(suffix), dtype=torch.long, device=device)
-    mask = caption_mask.bool()
-    lengths = mask.sum(1)
-    total = head.numel() + lengths + tail.numel()
-    out = torch.zeros(ids.shape[0], int(total.max()), dtype=torch.long, device=device)
-    out[:, : head.numel()] = head
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    out[rows, head.numel() + mask.long().cumsum(1)[rows, cols] - 1] = ids[rows, cols]
-    if tail.numel():
-        tail_cols = head.numel() + lengths.unsqueeze(1) + torch.arange(tail.numel(), device=device)
-        out.scatter_(1, tail_cols, tail.expand(ids.shape[0], -1))
-    attention = (torch.arange(out.shape[1], device=device).unsqueeze(0) < total.unsqueeze(1)).long()
-    return out, attention
 
 
 AutoConfig.register(ContrastiveLlavaConfig.model_type, ContrastiveLlavaConfig)

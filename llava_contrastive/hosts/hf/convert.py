@@ -1,0 +1,238 @@
+"""Upstream LLaVA stage-1 projector <-> transformers' native ``LlavaForConditionalGeneration``.
+
+Upstream (haotian-liu/LLaVA, ``mm_projector_type mlp2x_gelu``) saves ``mm_projector.bin`` with::
+
+    model.mm_projector.0.weight / .bias    Linear(vision_hidden -> llm_hidden)
+    model.mm_projector.2.weight / .bias    Linear(llm_hidden -> llm_hidden)   (index 1 is the GELU)
+
+transformers 5.x names the same module ``model.multi_modal_projector.linear_1`` / ``linear_2``
+(``LlavaForConditionalGeneration.state_dict()``; 4.x checkpoints had no leading ``model.``).
+Both features are ``CLIP hidden_states[-2][:, 1:]`` -> Linear -> GELU (exact erf) -> Linear, so a
+converted projector reproduces upstream's image tokens exactly.
+
+CLI::
+
+    python -m llava_contrastive.hosts.hf.convert to-native  mm_projector.bin  projector.safetensors
+    python -m llava_contrastive.hosts.hf.convert to-upstream projector.safetensors mm_projector.bin
+    python -m llava_contrastive.hosts.hf.convert build --llm DIR --vision DIR --out DIR [--projector mm_projector.bin]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+
+UPSTREAM_PREFIX = "model.mm_projector."
+NATIVE_PREFIX = "model.multi_modal_projector."  # transformers >= 4.52 / 5.x LlavaForConditionalGeneration
+_UP_TO_NATIVE = {"0": "linear_1", "2": "linear_2"}
+_NATIVE_TO_UP = {v: k for k, v in _UP_TO_NATIVE.items()}
+IMAGE_TOKEN = "<image>"
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def _strip(key: str, prefixes) -> Optional[str]:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
+
+
+def upstream_to_native(state: Mapping[str, torch.Tensor], prefix: str = NATIVE_PREFIX) -> StateDict:
+    """``model.mm_projector.{0,2}.{weight,bias}`` -> ``<prefix>linear_{1,2}.{weight,bias}``.
+
+    Also accepts keys without ``model.`` and DeepSpeed/PEFT wrappers (``base_model.model.``).
+    Tensors are passed through unchanged (no copy, no dtype change). Raises on any other key."""
+    out: StateDict = {}
+    for key, value in state.items():
+        rest = _strip(key, ("base_model.model.model.mm_projector.", "model.mm_projector.", "mm_projector."))
+        if rest is None:
+            raise KeyError(f"not an upstream mm_projector key: {key!r}")
+        index, _, param = rest.partition(".")
+        if index not in _UP_TO_NATIVE or param not in ("weight", "bias"):
+            raise KeyError(f"unsupported projector key {key!r}: only mlp2x_gelu (indices 0 and 2) converts "
+                           f"to the native LlavaMultiModalProjector")
+        out[f"{prefix}{_UP_TO_NATIVE[index]}.{param}"] = value
+    _check_complete(out, prefix)
+    return out
+
+
+def native_to_upstream(state: Mapping[str, torch.Tensor], prefix: str = UPSTREAM_PREFIX) -> StateDict:
+    """Inverse of :func:`upstream_to_native`. ``state`` may be a whole native state dict: keys
+    outside the projector are ignored. Accepts 5.x (``model.multi_modal_projector.``) and 4.x
+    (``multi_modal_projector.``) names."""
+    out: StateDict = {}
+    for key, value in state.items():
+        rest = _strip(key, ("model.multi_modal_projector.", "multi_modal_projector."))
+        if rest is None:
+            continue
+        name, _, param = rest.partition(".")
+        if name not in _NATIVE_TO_UP or param not in ("weight", "bias"):
+            raise KeyError(f"unsupported native projector key {key!r}")
+        out[f"{prefix}{_NATIVE_TO_UP[name]}.{param}"] = value
+    if not out:
+        raise KeyError("no multi_modal_projector keys in the state dict")
+    return out
+
+
+def _check_complete(state: Mapping[str, torch.Tensor], prefix: str) -> None:
+    want = {f"{prefix}linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    missing = want - set(state)
+    if missing:
+        raise KeyError(f"projector incomplete, missing {sorted(missing)}")
+
+
+def load_state(path: Union[str, Path]) -> StateDict:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_state(state: Mapping[str, torch.Tensor], path: Union[str, Path]) -> None:
+    path = str(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+
+
+# ---- building a native checkpoint -------------------------------------------------------------
+def build_processor(llm_dir, vision_dir, patch_size: int, image_seq_length: int, chat_template=None):
+    """LlavaProcessor = CLIP image processor + the LLM tokenizer with ``<image>`` added."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))  # never LlamaTokenizer(vocab_file=...)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    image_processor = AutoImageProcessor.from_pretrained(str(vision_dir))
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          image_token=IMAGE_TOKEN, chat_template=chat_template)
+
+
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<image>\n{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}"
+)
+
+
+def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision_feature_layer: int = -2,
+                       dtype: torch.dtype = torch.float32, model_class=None):
+    """Assemble ``LlavaForConditionalGeneration`` from a Llama causal LM and a CLIP vision tower.
+
+    ``projector``: None (fresh init), a path to ``mm_projector.bin`` / safetensors, or an upstream
+    or native projector state dict. Returns (model, processor); with ``out_dir`` both are saved
+    (``save_pretrained``) so ``from_pretrained`` + ``AutoProcessor.from_pretrained`` load them offline.
+    """
+    from transformers import AutoConfig, CLIPVisionModel, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    model_class = model_class or LlavaForConditionalGeneration
+    text_config = AutoConfig.from_pretrained(str(llm_dir))
+    vision_config = AutoConfig.from_pretrained(str(vision_dir))
+    if getattr(vision_config, "model_type", "") == "clip":  # full CLIP checkpoint: keep the tower
+        vision_config = vision_config.vision_config
+    patch, size = vision_config.patch_size, vision_config.image_size
+    seq = (size // patch) ** 2
+    processor = build_processor(llm_dir, vision_dir, patch, seq, chat_template=PLAIN_CHAT_TEMPLATE)
+    tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab = max(len(tokenizer), text_config.vocab_size)
+
+    config = LlavaConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                         image_token_index=image_token_id, image_seq_length=seq,
+                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         vision_feature_layer=vision_feature_layer, multimodal_projector_bias=True,
+                         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
+    config.text_config.vocab_size = text_config.vocab_size
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = model_class(config)
+
+    llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
+    model.model.language_model.load_state_dict(llm.model.state_dict())
+    model.lm_head.load_state_dict(llm.lm_head.state_dict())
+    tower = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    del llm, tower
+    if vocab > config.text_config.vocab_size:
+        # The <image> row of the input embeddings is always overwritten by projector features;
+        # its lm_head row is the mean of the others (transformers' mean resizing).
+        model.resize_token_embeddings(vocab, mean_resizing=True)
+    if projector is not None:
+        load_projector(model, projector)
+    model.to(dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir))
+        processor.save_pretrained(str(out_dir))
+    return model, processor
+
+
+def load_projector(model, projector) -> None:
+    """Load an upstream or native projector (path or state dict) into a native model, strictly."""
+    state = load_state(projector) if isinstance(projector, (str, Path)) else dict(projector)
+    if any(k.startswith(("model.mm_projector.", "mm_projector.", "base_model.model.model.mm_projector."))
+           for k in state):
+        state = upstream_to_native(state)
+    state = {(_strip(k, ("model.multi_modal_projector.", "multi_modal_projector.")) or k): v for k, v in state.items()}
+    module = model.model.multi_modal_projector
+    ref = next(module.parameters())
+    module.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, strict=True)
+
+
+def projector_state(model, upstream: bool = True) -> StateDict:
+    """The native model's projector as an upstream (``mm_projector.bin``) or native state dict."""
+    state = {NATIVE_PREFIX + k: v.detach().cpu() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    return native_to_upstream(state) if upstream else state
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llava_contrastive.hosts.hf.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-native", help="mm_projector.bin -> native projector keys")
+    a.add_argument("src"); a.add_argument("dst")
+    b = sub.add_parser("to-upstream", help="native projector (or whole native checkpoint file) -> mm_projector.bin")
+    b.add_argument("src"); b.add_argument("dst")
+    c = sub.add_parser("build", help="assemble a native LlavaForConditionalGeneration checkpoint + processor")
+    c.add_argument("--llm", required=True); c.add_argument("--vision", required=True)
+    c.add_argument("--out", required=True); c.add_argument("--projector", default=None)
+    c.add_argument("--vision_feature_layer", type=int, default=-2)
+    args = parser.parse_args(argv)
+    if args.cmd == "to-native":
+        save_state(upstream_to_native(load_state(args.src)), args.dst)
+    elif args.cmd == "to-upstream":
+        src = Path(args.src)
+        if src.is_dir():
+            from safetensors.torch import load_file
+            state = {}
+            for f in sorted(src.glob("*.safetensors")):
+                state.update(load_file(str(f)))
+        else:
+            state = load_state(src)
+        save_state(native_to_upstream(state), args.dst)
+    else:
+        build_native_llava(args.llm, args.vision, args.out, projector=args.projector,
+                           vision_feature_layer=args.vision_feature_layer)
+    print(f"wrote {getattr(args, 'dst', None) or args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

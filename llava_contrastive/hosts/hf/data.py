@@ -1,0 +1,67 @@
+"""LLaVA-Pretrain records -> native LLaVA batches, through the LlavaProcessor's image processor
+and tokenizer, in upstream's ``plain`` template:
+
+    [bos] <image> x image_seq_length  caption tokens  "\n"       labels: -100 on bos and image
+
+The caption is tokenised on its own (``add_special_tokens=False``) exactly like upstream's
+``tokenizer_image_token`` tokenises the chunk after ``<image>``; the instruction of the human turn
+is dropped, as upstream's plain template does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+
+
+class PretrainDataset(Dataset):
+    def __init__(self, data_path, image_folder, processor, image_seq_length: int, max_length: int = 256):
+        with open(data_path) as f:
+            self.records = json.load(f)
+        self.image_folder = str(image_folder)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_seq_length = int(image_seq_length)
+        self.max_length = int(max_length)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def caption(self, record) -> str:
+        return record["conversations"][1]["value"]
+
+    def __getitem__(self, i) -> Dict[str, torch.Tensor]:
+        record = self.records[i]
+        tok = self.tokenizer
+        caption_ids = tok(self.caption(record) + "\n", add_special_tokens=False).input_ids
+        prefix = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * self.image_seq_length
+        caption_ids = caption_ids[: max(self.max_length - len(prefix), 1)]
+        input_ids = torch.tensor(prefix + caption_ids, dtype=torch.long)
+        labels = input_ids.clone()
+        labels[: len(prefix)] = IGNORE_INDEX
+        image = Image.open(os.path.join(self.image_folder, record["image"])).convert("RGB")
+        pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+class Collator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        n = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(items), n), dtype=torch.long)
+        for r, x in enumerate(items):
+            k = len(x["input_ids"])
+            ids[r, :k], labels[r, :k], attention[r, :k] = x["input_ids"], x["labels"], 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": attention,
+                "pixel_values": torch.stack([x["pixel_values"] for x in items])}

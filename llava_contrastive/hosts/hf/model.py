@@ -1,0 +1,252 @@
+"""ContrastiveLlavaForConditionalGeneration: transformers' native LLaVA plus an InfoNCE/SigLIP term.
+
+One forward pass yields both losses. The projected image tokens are captured from the pass itself
+(a forward hook on ``model.multi_modal_projector``; nothing is encoded twice), caption tokens are
+``labels != -100`` minus the image placeholders (``input_ids == config.image_token_id``) and the
+trailing whitespace separator, and the core (``llava_contrastive.losses/pooling/head``) pools,
+gathers and scores them -- the same definitions as the upstream host (hosts/llava/model.py):
+
+* text  = mean of the frozen LLM input embeddings of the caption tokens
+          (or, ``--contrastive_text_source llm``, a no-grad text-only pass over the prompt)
+* image = mean of the projected image tokens of the row's single image
+          (or, ``--contrastive_image_source llm``, LLM hidden states at the image positions)
+
+Rows with no image or more than one image get no contrastive pair (they keep their NTP loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from transformers import LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+from ...config import ContrastiveArguments
+from ...head import ContrastiveHead
+from ...losses import info_nce_loss, siglip_loss
+from ...metrics import in_batch_accuracy
+from ...pooling import caption_keys, pool, strip_trailing
+from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
+from ...queue import info_nce_loss_with_queue, validate_queue_usage
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ContrastiveLlavaOutput(LlavaCausalLMOutputWithPast):
+    ntp_loss: Optional[torch.FloatTensor] = None
+    contrastive_loss: Optional[torch.FloatTensor] = None
+    logit_scale: Optional[torch.FloatTensor] = None
+    contrastive_rows: Optional[torch.FloatTensor] = None  # valid pairs in this rank's micro-batch
+    i2t_accuracy: Optional[torch.FloatTensor] = None
+    t2i_accuracy: Optional[torch.FloatTensor] = None
+
+
+class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` whose training forward (``labels`` given, contrastive
+    enabled) returns ``loss = ntp + contrastive_weight * contrastive``. Saved checkpoints are plain
+    native LLaVA checkpoints plus ``config.contrastive`` and the ``contrastive_head.*`` weights."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.contrastive_head: Optional[ContrastiveHead] = None
+        self.contrastive_args: Optional[ContrastiveArguments] = None
+        self._captured: Optional[List[torch.Tensor]] = None
+        self._separator_ids: Optional[torch.Tensor] = None
+        self._prompt_ids = None
+        self.model.multi_modal_projector.register_forward_hook(self._capture_hook)
+        saved = getattr(config, "contrastive", None)
+        if isinstance(saved, dict):
+            self.init_contrastive(ContrastiveArguments.from_object(saved), tokenizer=None)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def init_contrastive(self, args: ContrastiveArguments, tokenizer=None) -> None:
+        """Build the head (its parameters trainable) and the tokenised separator / prompt pieces.
+        Call after freezing the model."""
+        args.validate()
+        if args.enabled and args.contrastive_queue_size:
+            validate_queue_usage(
+                text_requires_grad=args.contrastive_text_source == "input_embeds"
+                and self.get_input_embeddings().weight.requires_grad,
+                has_text_head=args.contrastive_head != "none")
+        self.contrastive_args = args
+        weight = self.get_input_embeddings().weight
+        device = weight.device if weight.device.type != "meta" else "cpu"
+        self.contrastive_head = ContrastiveHead(args, self.config.text_config.hidden_size).to(device)
+        self.config.contrastive = args.to_dict()
+        if tokenizer is not None:
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a LlavaProcessor is fine too
+            self._separator_ids = whitespace_token_ids(tokenizer)
+            if args.contrastive_text_source == "llm":
+                prefix, suffix = split_template(args.contrastive_prompt)
+                self._prompt_ids = (
+                    tokenizer(prefix, add_special_tokens=False).input_ids if prefix else [],
+                    tokenizer(suffix, add_special_tokens=False).input_ids if suffix else [],
+                    tokenizer.bos_token_id)
+
+    def _capture_hook(self, module, inputs, output):
+        if self._captured is not None:
+            self._captured.append(output)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, output_hidden_states=None,
+                **kwargs):
+        args = self.contrastive_args
+        if args is None or not args.enabled or labels is None or input_ids is None or inputs_embeds is not None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   inputs_embeds=inputs_embeds, labels=labels,
+                                   output_hidden_states=output_hidden_states, **kwargs)
+        want_hidden = args.contrastive_image_source == "llm"
+        out, features = self._pass(input_ids, pixel_values, attention_mask, position_ids, past_key_values, labels,
+                                   output_hidden_states=bool(output_hidden_states) or want_hidden, **kwargs)
+        image_emb, text_emb, keys, _ = self._pair_embeddings(input_ids, labels, features,
+                                                             out.hidden_states if want_hidden else None)
+        contrastive = self._contrastive_loss(image_emb, text_emb, keys)
+        ntp = out.loss
+        loss = ntp + args.contrastive_weight * contrastive.to(ntp.dtype)
+        with torch.no_grad():
+            acc = in_batch_accuracy(image_emb.float(), text_emb.float()) if image_emb.shape[0] > 1 else None
+        return ContrastiveLlavaOutput(
+            loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states if output_hidden_states else None, attentions=out.attentions,
+            image_hidden_states=out.image_hidden_states, ntp_loss=ntp.detach(),
+            contrastive_loss=contrastive.detach(), logit_scale=self.contrastive_head.logit_scale().detach(),
+            contrastive_rows=torch.tensor(float(image_emb.shape[0]), device=ntp.device),
+            i2t_accuracy=None if acc is None else torch.tensor(acc["i2t"], device=ntp.device),
+            t2i_accuracy=None if acc is None else torch.tensor(acc["t2i"], device=ntp.device))
+
+    def _pass(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, labels,
+              output_hidden_states=False, **kwargs):
+        """The native forward, keeping the projector output it computed ([n_images, T, D])."""
+        kwargs.pop("return_dict", None)
+        self._captured = []
+        try:
+            out = super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, labels=labels,
+                                  output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
+            captured = self._captured
+        finally:
+            self._captured = None
+        features = captured[-1] if captured else None
+        if features is not None and features.dim() == 2:  # (1, T, D) squeezed by some paths
+            features = features.unsqueeze(0)
+        return out, features
+
+    @torch.no_grad()
+    def embed_pairs(self, input_ids, attention_mask, labels, pixel_values):
+        """Evaluation: (image [n, D], text [n, D], keys [n] or None, rows [n], NTP loss) in the space
+        the contrastive term scores (head included)."""
+        if self.contrastive_args is None:
+            raise RuntimeError("call init_contrastive(args, tokenizer) first (it defines the embeddings)")
+        want_hidden = self.contrastive_args.contrastive_image_source == "llm"
+        out, features = self._pass(input_ids, pixel_values, attention_mask, None, None, labels,
+                                   output_hidden_states=want_hidden, use_cache=False)
+        image, text, keys, rows = self._pair_embeddings(input_ids, labels, features,
+                                                        out.hidden_states if want_hidden else None)
+        return image, text, keys, rows, out.loss
+
+    # ---- embeddings -----------------------------------------------------------------------
+    def caption_mask(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = labels.ne(IGNORE_INDEX) & input_ids.ne(self.config.image_token_id)
+        if self._separator_ids is not None:
+            mask = strip_trailing(input_ids, mask, self._separator_ids.to(input_ids.device))
+        return mask
+
+    def _pair_embeddings(self, input_ids, labels, features, hidden_states):
+        args = self.contrastive_args
+        hidden = self.config.text_config.hidden_size
+        image_mask = input_ids.eq(self.config.image_token_id)
+        caption_mask = self.caption_mask(input_ids, labels)
+        if features is None:
+            valid = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            feature_index = valid.long()
+        else:
+            tokens_per_image = features.shape[1]
+            n_images = image_mask.sum(1) // tokens_per_image
+            valid = image_mask.sum(1).eq(tokens_per_image)
+            feature_index = torch.cumsum(n_images, 0) - n_images
+        valid = valid & caption_mask.any(dim=1)
+        rows = torch.nonzero(valid).flatten()
+        if rows.numel() == 0:
+            image_emb, text_emb = self._empty_pair(hidden, features)
+            keys = torch.zeros(0, dtype=torch.long, device=input_ids.device) if args.contrastive_mask_duplicates else None
+            return self.contrastive_head.project(image_emb, text_emb) + (keys, rows)
+        if args.contrastive_image_source == "projector":
+            tokens = features.index_select(0, feature_index[rows].to(features.device))
+            image_emb = pool(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device),
+                             args.image_pooling)
+        else:
+            states = hidden_states[args.contrastive_image_layer]
+            image_emb = pool(states[rows], image_mask[rows], args.image_pooling)
+        text_emb = self._text_embeddings(input_ids[rows], caption_mask[rows])
+        keys = caption_keys(input_ids[rows], caption_mask[rows]) if args.contrastive_mask_duplicates else None
+        return self.contrastive_head.project(image_emb, text_emb) + (keys, rows)
+
+    def _empty_pair(self, hidden, features):
+        """[0, D] pairs with the dtype / autograd status other ranks' rows have."""
+        weight = self.model.multi_modal_projector.linear_2.weight
+        if features is not None:
+            image = features[:0, 0, :] if features.dim() == 3 else features[:0]
+        else:
+            image = torch.zeros(0, hidden, dtype=weight.dtype, device=weight.device,
+                                requires_grad=torch.is_grad_enabled() and weight.requires_grad)
+        text_weight = self.get_input_embeddings().weight
+        text = torch.zeros(0, hidden, dtype=text_weight.dtype, device=text_weight.device,
+                           requires_grad=torch.is_grad_enabled() and text_weight.requires_grad
+                           and self.contrastive_args.contrastive_text_source == "input_embeds")
+        return image, text
+
+    def _text_embeddings(self, ids, caption_mask):
+        args = self.contrastive_args
+        embed = self.get_input_embeddings()
+        if args.contrastive_text_source == "input_embeds":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and embed.weight.requires_grad):
+                return pool(embed(ids.clamp(min=0)), caption_mask, args.text_pooling)
+        if self._prompt_ids is None:
+            raise RuntimeError("--contrastive_text_source llm needs the tokenizer: call "
+                               "model.init_contrastive(args, tokenizer)")
+        prompt_ids, prompt_mask = build_prompt_batch(ids, caption_mask, *self._prompt_ids)
+        with torch.no_grad():
+            out = self.model.language_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
+                                            output_hidden_states=args.contrastive_text_layer != -1,
+                                            return_dict=True)
+            states = out.last_hidden_state if args.contrastive_text_layer == -1 \
+                else out.hidden_states[args.contrastive_text_layer]
+            return pool(states, prompt_mask.bool(), args.text_pooling)
+
+    def _contrastive_loss(self, image_emb, text_emb, keys):
+        args = self.contrastive_args
+        head = self.contrastive_head
+        scale = head.logit_scale()
+        if args.contrastive_loss == "siglip":
+            return siglip_loss(image_emb, text_emb, scale, head.logit_bias(), gather=args.contrastive_gather,
+                               duplicate_keys=keys)
+        if head.queue is not None:
+            loss = info_nce_loss_with_queue(image_emb, text_emb, scale, head.queue,
+                                            gather=args.contrastive_gather, duplicate_keys=keys)
+            if self.training:
+                head.queue.enqueue_from_local(text_emb, keys)
+            return loss
+        return info_nce_loss(image_emb, text_emb, scale, gather=args.contrastive_gather, duplicate_keys=keys)
+
+
+# ---- helpers (pure functions of tensors; same definitions as the upstream host) --------------
+def _register_checkpoint_renaming() -> None:
+    """transformers 5.x renames legacy LLaVA checkpoint keys (``language_model.lm_head`` ->
+    ``lm_head`` ...) on load, but skips classes defined outside ``transformers.`` unless they are
+    registered: without this, a subclass silently re-initialises ``lm_head``."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping)
+    except ImportError:  # older transformers: the class attribute mapping applies
+        return
+    mapping = get_checkpoint_conversion_mapping("llava")
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(ContrastiveLlavaForConditionalGeneration.__name__, mapping,
+                                               overwrite=True)
+
+
+_register_checkpoint_renaming()
