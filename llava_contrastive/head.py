@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from .config import ContrastiveArguments
-from .queue import TextQueue
+from .losses import info_nce_loss, siglip_loss
+from .queue import TextQueue, info_nce_loss_with_queue
 from .temperature import LogitScale, SigLIPBias
 
 
@@ -37,9 +38,40 @@ class ContrastiveHead(nn.Module):
             text = self.text_proj(text.to(self.text_proj.weight.dtype))
         return image, text
 
+    def loss(self, image: torch.Tensor, text: torch.Tensor, keys: torch.Tensor | None = None, *,
+             gather: bool = True, update_queue: bool = False) -> torch.Tensor:
+        """The configured contrastive loss on projected embeddings (SigLIP if a bias exists, InfoNCE
+        with the queue's extra negatives if a queue exists). ``update_queue`` enqueues the batch's
+        texts after the loss, so a batch is never its own negative."""
+        scale = self.logit_scale()
+        if self.bias is not None:
+            return siglip_loss(image, text, scale, self.logit_bias(), gather=gather, duplicate_keys=keys)
+        if self.queue is None:
+            return info_nce_loss(image, text, scale, gather=gather, duplicate_keys=keys)
+        loss = info_nce_loss_with_queue(image, text, scale, self.queue, gather=gather, duplicate_keys=keys)
+        if update_queue:
+            self.queue.enqueue_from_local(text, keys)
+        return loss
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def clamp_(self) -> None:
         self.scale.clamp_()
+
+
+def find_contrastive_model(model: nn.Module) -> nn.Module | None:
+    """The module carrying ``contrastive_head`` inside DeepSpeed/DDP/PEFT wrappers, or None."""
+    seen = model
+    for _ in range(5):
+        if hasattr(seen, "contrastive_head"):
+            return seen
+        for attr in ("module", "base_model", "model"):
+            inner = getattr(seen, attr, None)
+            if isinstance(inner, nn.Module):
+                seen = inner
+                break
+        else:
+            return None
+    return None

@@ -24,11 +24,10 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ...config import ContrastiveArguments
 from ...head import ContrastiveHead
-from ...losses import info_nce_loss, siglip_loss
 from ...metrics import in_batch_accuracy
 from ...pooling import caption_keys, pool, strip_trailing
 from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
-from ...queue import info_nce_loss_with_queue, validate_queue_usage
+from ...queue import validate_queue_usage
 
 IGNORE_INDEX = -100
 
@@ -217,21 +216,9 @@ class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 else out.hidden_states[args.contrastive_text_layer]
             return pool(states, prompt_mask.bool(), args.text_pooling)
 
-    def _contrastive_loss(self, image_emb, text_emb, keys):
-        args = self.contrastive_args
-        head = self.contrastive_head
-        scale = head.logit_scale()
-        if args.contrastive_loss == "siglip":
-            return siglip_loss(image_emb, text_emb, scale, head.logit_bias(), gather=args.contrastive_gather,
-                               duplicate_keys=keys)
-        if head.queue is not None:
-            loss = info_nce_loss_with_queue(image_emb, text_emb, scale, head.queue,
-                                            gather=args.contrastive_gather, duplicate_keys=keys)
-            if self.training:
-                head.queue.enqueue_from_local(text_emb, keys)
-            return loss
-        return info_nce_loss(image_emb, text_emb, scale, gather=args.contrastive_gather, duplicate_keys=keys)
-
+    def _contrastive_loss(self, image_emb, text_emb, keys) -> torch.Tensor:
+        return self.contrastive_head.loss(image_emb, text_emb, keys, gather=self.contrastive_args.contrastive_gather,
+                                          update_queue=self.training)
 
 # ---- helpers (pure functions of tensors; same definitions as the upstream host) --------------
 def _register_checkpoint_renaming() -> None:

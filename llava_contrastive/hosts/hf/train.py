@@ -26,6 +26,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ...config import ContrastiveArguments
+from ...head import find_contrastive_model
 from . import convert
 from .data import Collator, PretrainDataset
 from .model import ContrastiveLlavaForConditionalGeneration, ContrastiveLlavaOutput
@@ -48,21 +49,6 @@ class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA-Pretrain JSON"})
     image_folder: str = field(default=None)
     model_max_length: int = field(default=256)
-
-
-def find_contrastive_model(model):
-    seen = model
-    for _ in range(5):
-        if hasattr(seen, "contrastive_head"):
-            return seen
-        for attr in ("module", "base_model", "model"):
-            inner = getattr(seen, attr, None)
-            if isinstance(inner, torch.nn.Module):
-                seen = inner
-                break
-        else:
-            return None
-    return None
 
 
 class ClampLogitScale(TrainerCallback):

@@ -16,12 +16,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...config import ContrastiveArguments
 from ...head import ContrastiveHead
-from ...losses import info_nce_loss, siglip_loss
 from ...metrics import in_batch_accuracy
 from ...pooling import caption_keys, pool
 from ...pooling import strip_trailing
 from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
-from ...queue import info_nce_loss_with_queue, validate_queue_usage
+from ...queue import validate_queue_usage
 from .compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
 
 
@@ -286,20 +285,8 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
             return pool(states, prompt_mask.bool(), args.text_pooling)
 
     def _contrastive_loss(self, image_emb, text_emb, keys) -> torch.Tensor:
-        args = self.contrastive_args
-        head = self.contrastive_head
-        scale = head.logit_scale()
-        if args.contrastive_loss == "siglip":
-            return siglip_loss(image_emb, text_emb, scale, head.logit_bias(), gather=args.contrastive_gather,
-                               duplicate_keys=keys)
-        if head.queue is not None:
-            loss = info_nce_loss_with_queue(image_emb, text_emb, scale, head.queue,
-                                            gather=args.contrastive_gather, duplicate_keys=keys)
-            if self.training:  # after the loss, so a batch is never its own negative
-                head.queue.enqueue_from_local(text_emb, keys)
-            return loss
-        return info_nce_loss(image_emb, text_emb, scale, gather=args.contrastive_gather, duplicate_keys=keys)
-
+        return self.contrastive_head.loss(image_emb, text_emb, keys, gather=self.contrastive_args.contrastive_gather,
+                                          update_queue=self.training)
 
 # ---- small helpers (pure functions of tensors) ------------------------------------------------
 def split_per_image(features: torch.Tensor, images) -> List[torch.Tensor]:

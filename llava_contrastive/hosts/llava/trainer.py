@@ -25,6 +25,7 @@ import transformers
 from transformers import Trainer, TrainerCallback
 
 from ...config import ContrastiveArguments
+from ...head import find_contrastive_model
 from . import checkpoint as ckpt
 from .compat import LLaVATrainer
 from ...faults import fault_step
@@ -33,22 +34,6 @@ from .model import ContrastiveCausalLMOutput
 
 logger = logging.getLogger("llava_contrastive")
 _STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
-
-
-def find_contrastive_model(model):
-    """The ContrastiveLlavaForCausalLM inside DeepSpeed/DDP/PEFT wrappers, or None."""
-    seen = model
-    for _ in range(5):
-        if hasattr(seen, "contrastive_head"):
-            return seen
-        for attr in ("module", "base_model", "model"):
-            inner = getattr(seen, attr, None)
-            if isinstance(inner, torch.nn.Module):
-                seen = inner
-                break
-        else:
-            return None
-    return None
 
 
 def _partitioned(p: torch.nn.Parameter) -> bool:
