@@ -391,25 +391,28 @@ def profile_variant(runner: Runner, batches, top: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model = runner.model
+    head = getattr(model, "contrastive_head", None)
+    targets = [(model, name) for name in ("prepare_inputs_labels_for_multimodal", "encode_images", "_pair_embeddings",
+                                         "_text_embeddings", "_image_embeddings")]
+    targets.append((head, "joint"))  # the contrastive loss and its statistics
     wrapped = []
-    for name in ("prepare_inputs_labels_for_multimodal", "encode_images", "_pair_embeddings", "_text_embeddings",
-                 "_image_embeddings", "_contrastive_loss"):
-        if hasattr(model, name):
-            orig = getattr(model, name)
+    for obj, name in targets:
+        if obj is not None and hasattr(obj, name):
+            orig = getattr(obj, name)
 
             def wrap(*a, __orig=orig, __name=name, **kw):
                 with record_function(f"bench::{__name}"):
                     return __orig(*a, **kw)
-            setattr(model, name, wrap)
-            wrapped.append(name)
+            setattr(obj, name, wrap)
+            wrapped.append((obj, name))
     try:
         runner.step(batches[0])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function("bench::step"):
                 runner.step(batches[1 % len(batches)])
     finally:
-        for name in wrapped:
-            delattr(model, name)
+        for obj, name in wrapped:
+            delattr(obj, name)
     events = prof.key_averages()
     phases = [f"  {e.key:45s} {e.cpu_time_total / 1e3:9.1f} ms total CPU" for e in events if e.key.startswith("bench::")]
     return events.table(sort_by="cpu_time_total", row_limit=top) + "\nphases (bench:: wrappers):\n" + "\n".join(phases)

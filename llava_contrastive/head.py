@@ -3,13 +3,28 @@ optional text queue. Saved beside (never inside) mm_projector.bin; every paramet
 excluded from weight decay."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 
 from .config import ContrastiveArguments
 from .losses import info_nce_loss, siglip_loss
+from .metrics import in_batch_accuracy
 from .queue import TextQueue, info_nce_loss_with_queue
 from .temperature import LogitScale, SigLIPBias
+
+
+@dataclass
+class JointTerms:
+    loss: torch.Tensor  # what backward runs on
+    ntp: torch.Tensor
+    contrastive: torch.Tensor
+    logit_scale: torch.Tensor
+    rows: torch.Tensor  # image-caption pairs in this micro-batch
+    i2t: Optional[torch.Tensor]  # in-batch retrieval accuracy (None below 2 pairs)
+    t2i: Optional[torch.Tensor]
 
 
 class ContrastiveHead(nn.Module):
@@ -53,6 +68,21 @@ class ContrastiveHead(nn.Module):
             self.queue.enqueue_from_local(text, keys)
         return loss
 
+    def joint(self, ntp: torch.Tensor, image: torch.Tensor, text: torch.Tensor, keys: Optional[torch.Tensor], *,
+              weight: float, gather: bool = True, update_queue: bool = False) -> "JointTerms":
+        """NTP + weight * contrastive, with the detached statistics a trainer logs."""
+        contrastive = self.loss(image, text, keys, gather=gather, update_queue=update_queue)
+        with torch.no_grad():
+            acc = in_batch_accuracy(image.float(), text.float()) if image.shape[0] > 1 else None
+
+        def scalar(value: float) -> torch.Tensor:
+            return torch.tensor(float(value), device=ntp.device)
+
+        return JointTerms(
+            loss=ntp + weight * contrastive.to(ntp.dtype), ntp=ntp.detach(), contrastive=contrastive.detach(),
+            logit_scale=self.logit_scale().detach(), rows=scalar(image.shape[0]),
+            i2t=None if acc is None else scalar(acc["i2t"]), t2i=None if acc is None else scalar(acc["t2i"]))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -75,3 +105,30 @@ def find_contrastive_model(model: nn.Module) -> nn.Module | None:
         else:
             return None
     return None
+
+
+def optimizer_with_head_group(create: Callable[[], torch.optim.Optimizer], head_params: list,
+                              lr: float) -> torch.optim.Optimizer:
+    """``create()`` (a trainer's own grouping) with the head's parameters hidden from it, then one
+    group for them: their own learning rate, no weight decay. Empty groups are dropped (e.g.
+    upstream's --mm_projector_lr with LoRA), which torch >= 2.x schedulers reject."""
+    for p in head_params:
+        p.requires_grad_(False)
+    try:
+        optimizer = create()
+    finally:
+        for p in head_params:
+            p.requires_grad_(True)
+    if head_params:
+        optimizer.add_param_group({"params": head_params, "weight_decay": 0.0, "lr": lr})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if len(g["params"]) > 0]
+    return optimizer
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """In-place clamp of the learnable log scale after an optimizer step (the forward clamps too,
+    which is what holds under ZeRO-3 partitioning, skipped here, or bf16 master weights)."""
+    target = find_contrastive_model(model)
+    head = getattr(target, "contrastive_head", None)
+    if head is not None and not any(hasattr(p, "ds_id") for p in head.parameters()):
+        head.clamp_()

@@ -24,7 +24,6 @@ from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from ...config import ContrastiveArguments
 from ...head import ContrastiveHead
-from ...metrics import in_batch_accuracy
 from ...pooling import caption_keys, pool, strip_trailing
 from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
 from ...queue import validate_queue_usage
@@ -103,19 +102,14 @@ class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                                    output_hidden_states=bool(output_hidden_states) or want_hidden, **kwargs)
         image_emb, text_emb, keys, _ = self._pair_embeddings(input_ids, labels, features,
                                                              out.hidden_states if want_hidden else None)
-        contrastive = self._contrastive_loss(image_emb, text_emb, keys)
-        ntp = out.loss
-        loss = ntp + args.contrastive_weight * contrastive.to(ntp.dtype)
-        with torch.no_grad():
-            acc = in_batch_accuracy(image_emb.float(), text_emb.float()) if image_emb.shape[0] > 1 else None
+        terms = self.contrastive_head.joint(out.loss, image_emb, text_emb, keys, weight=args.contrastive_weight,
+                                            gather=args.contrastive_gather, update_queue=self.training)
         return ContrastiveLlavaOutput(
-            loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+            loss=terms.loss, logits=out.logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states if output_hidden_states else None, attentions=out.attentions,
-            image_hidden_states=out.image_hidden_states, ntp_loss=ntp.detach(),
-            contrastive_loss=contrastive.detach(), logit_scale=self.contrastive_head.logit_scale().detach(),
-            contrastive_rows=torch.tensor(float(image_emb.shape[0]), device=ntp.device),
-            i2t_accuracy=None if acc is None else torch.tensor(acc["i2t"], device=ntp.device),
-            t2i_accuracy=None if acc is None else torch.tensor(acc["t2i"], device=ntp.device))
+            image_hidden_states=out.image_hidden_states,
+            ntp_loss=terms.ntp, contrastive_loss=terms.contrastive, logit_scale=terms.logit_scale,
+            contrastive_rows=terms.rows, i2t_accuracy=terms.i2t, t2i_accuracy=terms.t2i)
 
     def _pass(self, input_ids, pixel_values, attention_mask, position_ids, past_key_values, labels,
               output_hidden_states=False, **kwargs):
@@ -216,9 +210,6 @@ class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 else out.hidden_states[args.contrastive_text_layer]
             return pool(states, prompt_mask.bool(), args.text_pooling)
 
-    def _contrastive_loss(self, image_emb, text_emb, keys) -> torch.Tensor:
-        return self.contrastive_head.loss(image_emb, text_emb, keys, gather=self.contrastive_args.contrastive_gather,
-                                          update_queue=self.training)
 
 # ---- helpers (pure functions of tensors; same definitions as the upstream host) --------------
 def _register_checkpoint_renaming() -> None:

@@ -26,7 +26,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ...config import ContrastiveArguments
-from ...head import find_contrastive_model
+from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
 from . import convert
 from .data import Collator, PretrainDataset
 from .model import ContrastiveLlavaForConditionalGeneration, ContrastiveLlavaOutput
@@ -52,11 +52,11 @@ class DataArguments:
 
 
 class ClampLogitScale(TrainerCallback):
+    """Keeps the logit scale under its cap after each optimizer step."""
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        target = find_contrastive_model(model) if model is not None else None
-        head = getattr(target, "contrastive_head", None)
-        if head is not None and not any(hasattr(p, "ds_id") for p in head.parameters()):
-            head.clamp_()
+        if model is not None:
+            clamp_logit_scale(model)
 
 
 class ContrastiveHFTrainer(Trainer):
@@ -75,17 +75,9 @@ class ContrastiveHFTrainer(Trainer):
         head_params = []
         if self.optimizer is None and self._contrastive_model is not None:
             head_params = self._contrastive_model.contrastive_head.trainable_parameters()
-        for p in head_params:
-            p.requires_grad_(False)
-        try:
-            super().create_optimizer(*a, **kw)
-        finally:
-            for p in head_params:
-                p.requires_grad_(True)
-        if head_params:
-            lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
-            self.optimizer.add_param_group({"params": head_params, "weight_decay": 0.0, "lr": lr})
-        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
+        lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
+        self.optimizer = optimizer_with_head_group(
+            lambda: super(ContrastiveHFTrainer, self).create_optimizer(*a, **kw), head_params, lr)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):

@@ -16,7 +16,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...config import ContrastiveArguments
 from ...head import ContrastiveHead
-from ...metrics import in_batch_accuracy
 from ...pooling import caption_keys, pool
 from ...pooling import strip_trailing
 from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
@@ -145,20 +144,14 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
             input_ids, attention_mask, labels, images, features,
             out.hidden_states if (want_hidden and features is not None) else None,
             new_attention_mask)
-        contrastive = self._contrastive_loss(image_emb, text_emb, keys)
-        ntp = out.loss
-        loss = ntp + args.contrastive_weight * contrastive.to(ntp.dtype)
-        with torch.no_grad():
-            acc = in_batch_accuracy(image_emb.float(), text_emb.float()) if image_emb.shape[0] > 1 else None
+        terms = self.contrastive_head.joint(out.loss, image_emb, text_emb, keys, weight=args.contrastive_weight,
+                                            gather=args.contrastive_gather, update_queue=self.training)
         return ContrastiveCausalLMOutput(
-            loss=loss, logits=out.logits, past_key_values=out.past_key_values,
+            loss=terms.loss, logits=out.logits, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states if output_hidden_states else None,
-            attentions=out.attentions, ntp_loss=ntp.detach(), contrastive_loss=contrastive.detach(),
-            logit_scale=self.contrastive_head.logit_scale().detach(),
-            contrastive_rows=torch.tensor(float(image_emb.shape[0]), device=ntp.device),
-            i2t_accuracy=None if acc is None else torch.tensor(acc["i2t"], device=ntp.device),
-            t2i_accuracy=None if acc is None else torch.tensor(acc["t2i"], device=ntp.device),
-        )
+            attentions=out.attentions,
+            ntp_loss=terms.ntp, contrastive_loss=terms.contrastive, logit_scale=terms.logit_scale,
+            contrastive_rows=terms.rows, i2t_accuracy=terms.i2t, t2i_accuracy=terms.t2i)
 
     # ---- embeddings -----------------------------------------------------------------------
     def _multimodal_pass(self, input_ids, attention_mask, position_ids, past_key_values, labels, images,
@@ -284,9 +277,6 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
                 else out.hidden_states[args.contrastive_text_layer]
             return pool(states, prompt_mask.bool(), args.text_pooling)
 
-    def _contrastive_loss(self, image_emb, text_emb, keys) -> torch.Tensor:
-        return self.contrastive_head.loss(image_emb, text_emb, keys, gather=self.contrastive_args.contrastive_gather,
-                                          update_queue=self.training)
 
 # ---- small helpers (pure functions of tensors) ------------------------------------------------
 def split_per_image(features: torch.Tensor, images) -> List[torch.Tensor]:

@@ -25,7 +25,7 @@ import transformers
 from transformers import Trainer, TrainerCallback
 
 from ...config import ContrastiveArguments
-from ...head import find_contrastive_model
+from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
 from . import checkpoint as ckpt
 from .compat import LLaVATrainer
 from ...faults import fault_step
@@ -36,23 +36,16 @@ logger = logging.getLogger("llava_contrastive")
 _STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
 
 
-def _partitioned(p: torch.nn.Parameter) -> bool:
-    return hasattr(p, "ds_id")
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
 
 class ClampLogitScale(TrainerCallback):
-    """In-place clamp of the learnable log scale after each optimizer step (the forward clamps
-    too, which is what holds under ZeRO-3 partitioning or bf16 master weights)."""
+    """Keeps the logit scale under its cap after each optimizer step."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        target = find_contrastive_model(model) if model is not None else None
-        head = getattr(target, "contrastive_head", None)
-        if head is not None and not any(_partitioned(p) for p in head.parameters()):
-            head.clamp_()
+        if model is not None:
+            clamp_logit_scale(model)
 
 
 class ContrastiveLLaVATrainer(LLaVATrainer):
@@ -83,18 +76,9 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         head_params = []
         if self.optimizer is None and self._contrastive_model is not None:
             head_params = self._contrastive_model.contrastive_head.trainable_parameters()
-        for p in head_params:  # hide from upstream's decay / no-decay grouping
-            p.requires_grad_(False)
-        try:
-            super().create_optimizer()
-        finally:
-            for p in head_params:
-                p.requires_grad_(True)
-        if head_params:
-            lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
-            self.optimizer.add_param_group({"params": head_params, "weight_decay": 0.0, "lr": lr})
-        # an empty group (e.g. --mm_projector_lr with LoRA) breaks torch >= 2.x schedulers
-        self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if len(g["params"]) > 0]
+        lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
+        self.optimizer = optimizer_with_head_group(
+            lambda: super(ContrastiveLLaVATrainer, self).create_optimizer(), head_params, lr)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
