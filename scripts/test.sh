@@ -17,6 +17,7 @@ cd "$repo"
 status=$?
 if [[ "${LLAVA_CONTRASTIVE_SKIP_HF:-0}" != 1 ]]; then
   echo "=== stack M: transformers-native host (tests/hf) ==="
-  bash "$repo/scripts/test_hf.sh" -ra || status=1
+  LLAVA_CONTRASTIVE_STACK_U_PYTHON="$py" LLAVA_CONTRASTIVE_REQUIRE_STACK_U=1 \
+    bash "$repo/scripts/test_hf.sh" -ra || status=1
 fi
 exit $status

@@ -93,21 +93,122 @@ def test_lora_grads_nonzero_after_eval_step(native_dir, batch, bits):
     assert projector_grads(grads) and all(v > 0 for v in projector_grads(grads))
 
 
-def test_qlora_repacking_trap_forced(native_dir, batch, monkeypatch):
-    """Force the AVX512-BF16 repacking path (as on such CPUs) without the fix: the eval step
-    repacks the weights, later training forwards run a kernel outside autograd, and the gradients
-    change (nothing flows through the repacked base weights any more). The fix above prevents it."""
+def packable(m) -> bool:
+    """Shapes bitsandbytes' CPU repacking accepts (32-row blocks, whole absmax blocks); the tiny
+    MLP width 176 is not one of them, the attention projections are."""
+    blocksize = m.weight.quant_state.blocksize
+    return m.out_features % 32 == 0 and m.in_features % 2 == 0 and m.in_features % blocksize == 0
+
+
+def input_grad_after_eval_step(n: int = 96, k: int = 64):
+    """One repackable Linear4bit: the gradient reaching its input in training after an eval forward."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(n, k), requires_grad=False, quant_type="nf4",
+                                     module=layer)._quantize("cpu")
+    layer.support_avx512bf16_for_cpu = True
+    x = torch.randn(3, k, requires_grad=True)
+    layer.eval()
+    with torch.no_grad():
+        layer(x.detach())
+    assert layer.weight.quant_state.packing_format_for_cpu
+    layer.train()
+    layer(x).sum().backward()
+    return x.grad
+
+
+def test_emulated_kernel_gives_no_input_gradient():
+    """The mechanism of the trap, on any CPU: after the repacking, the layer passes no gradient back."""
+    from .bnb_cpu_packed import emulated_cpu_kernel
+
+    with emulated_cpu_kernel() as calls:
+        assert input_grad_after_eval_step() is None
+    assert calls
+
+
+def test_emulated_kernel_matches_native_kernel():
+    """The stand-in kernel computes what the native AVX512-BF16 kernel computes (where it exists)."""
     if not bnb.functional.has_avx512bf16():
-        pytest.skip("this CPU has no AVX512-BF16: the inference repacking kernel cannot run here")
+        pytest.skip("no native AVX512-BF16 kernel on this CPU to compare with (the emulated one is checked "
+                    "against the dense dequantised weight in test_qlora_repacking_trap_forced)")
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, quantize_4bit
+
+    from .bnb_cpu_packed import emulated_cpu_kernel
+
+    torch.manual_seed(0)
+    for n, k, blocksize, nested in [(96, 64, 64, True), (64, 128, 64, False), (128, 256, 128, True)]:
+        q, state = quantize_4bit(torch.randn(n, k), blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+        packed, state = _convert_weight_packed_for_cpu(q, state)
+        a = torch.randn(5, k)
+        args = (a, packed, state.shape, state.absmax, state.code, state.blocksize)
+        native = torch.ops.bitsandbytes.gemv_4bit.default(*args)
+        with emulated_cpu_kernel() as calls:
+            emulated = torch.ops.bitsandbytes.gemv_4bit.default(*args)
+        assert calls and emulated.dtype == native.dtype and emulated.shape == native.shape
+        # bf16 numerics on both sides: at most a couple of bf16 ulps apart
+        assert float((emulated - native).abs().max()) <= 1e-2 * float(native.abs().max())
+        assert torch.equal(torch.ops.bitsandbytes.gemv_4bit.default(*args), native)  # native kernel restored
+    assert input_grad_after_eval_step() is None  # the native kernel: same autograd behaviour
+
+
+def test_qlora_repacking_trap_forced(native_dir, batch):
+    """Force the AVX512-BF16 repacking path without the fix, on any CPU: the layers are told the CPU
+    supports it and the op's CPU kernel is the pure-torch stand-in (tests/hf/bnb_cpu_packed.py) where
+    the native one is missing or not. The eval step repacks the weights, later training forwards run
+    an op outside autograd and the gradients change (nothing flows back through the repacked base
+    weights). The fix in load_stage2 prevents it (test above)."""
+    from .bnb_cpu_packed import emulated_cpu_kernel
+
     processor, b = batch
     model = build(native_dir, processor, 4, fix_cpu_repacking=False)
     forced = []
     for n, m in model.named_modules():
-        # the repacking kernel needs both sizes % 32 == 0 (the tiny MLP width 176 is not): attention only
         if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = m.out_features % 32 == 0 and m.in_features % 32 == 0  # forced where the kernel runs
+            m.support_avx512bf16_for_cpu = packable(m)
             if m.support_avx512bf16_for_cpu:
-                forced.append(n)
+                forced.append(m)
     assert forced
-    before, after = grads_before_and_after_eval_step(model, b)
+    with emulated_cpu_kernel() as calls:
+        model.train()
+        with torch.no_grad():
+            dense_logits = model(**b).logits  # training mode: no repacking, dequantise + matmul
+        before = train_grads(model, b)
+        assert not calls
+        model.eval()
+        with torch.no_grad():
+            packed_logits = model(**b).logits  # repacks, then runs the packed kernel
+        assert all(m.weight.quant_state.packing_format_for_cpu for m in forced)
+        assert len(calls) >= len(forced)
+        # the packed path computes the same function (bf16 inputs): the emulation is the right layout
+        rel = float((packed_logits - dense_logits).abs().max() / dense_logits.abs().max())
+        assert rel < 5e-2, rel
+        after = train_grads(model, b)
+    print(f"gradient change after the eval step (forced trap): {max_rel_change(before, after):.3f}")
     assert max_rel_change(before, after) > 1e-2, "trap no longer reproduces: the fix may be obsolete"
+    # the layers that were repacked pass no gradient to their input any more: the LoRA branch
+    # beside them still trains, everything upstream of them gets a wrong gradient
+    assert projector_grads(after) and max_rel_change(
+        {"p": projector_grads(before)[0]}, {"p": projector_grads(after)[0]}) > 1e-2
+
+
+def test_trap_tests_pass_as_on_a_cpu_without_avx512bf16(tmp_path):
+    """Re-run the forced-trap tests in a process where bitsandbytes sees no AVX512-BF16 (so no native
+    packed kernel is registered and layers start with the flag off): they must pass there too.
+    On such a CPU the tests above already are that case."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: the tests above already ran without it")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no_avx512bf16", "-p", "no:cacheprovider", "-W", "ignore",
+         "--basetemp", str(tmp_path / "run"), str(Path(__file__)),
+         "-k", "trap_forced or no_input_gradient or matches_native"],
+        cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert "2 passed, 1 skipped" in proc.stdout, tail  # the native-kernel comparison skips there
