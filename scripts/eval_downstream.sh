@@ -79,6 +79,7 @@ if [[ "$ONLY" != "lmms" ]]; then
   E=./playground/data/eval
   COMMON="--model-path $CKPT ${MB[*]} --temperature 0 --conv-mode $CONV"
   add "# ---- upstream LLaVA v1.5 benchmarks (run inside $REPO_DIR; data layout of its docs/Evaluation.md) ----"
+  add "# checked against haotian-liu/LLaVA at c121f04 (scripts/v1_5/eval/{gqa,pope,mme,textvqa,sqa,mmbench,seed}.sh)"
   add "# upstream's scripts/v1_5/eval/<bench>.sh do the same with --num-chunks/--chunk-idx over GPUs; the single-process"
   add "# form is printed here. To reuse them: sed 's#liuhaotian/llava-v1.5-13b#$CKPT#; s#llava-v1.5-13b#$NAME#g' scripts/v1_5/eval/gqa.sh | bash"
   add "cd $REPO_DIR"
@@ -100,9 +101,11 @@ if [[ "$ONLY" != "lmms" ]]; then
   add "python llava/eval/eval_science_qa.py --base-dir $E/scienceqa --result-file $E/scienceqa/answers/$NAME.jsonl --output-file $E/scienceqa/answers/${NAME}_output.jsonl --output-result $E/scienceqa/answers/${NAME}_result.json"
   add "# MMBench-dev (en); the converted file is scored by the MMBench evaluation server (upload needs network)"
   add "python -m llava.eval.model_vqa_mmbench $COMMON --question-file $E/mmbench/mmbench_dev_20230712.tsv --answers-file $E/mmbench/answers/mmbench_dev_20230712/$NAME.jsonl --single-pred-prompt --lang en"
+  add "mkdir -p $E/mmbench/answers_upload/mmbench_dev_20230712"
   add "python scripts/convert_mmbench_for_submission.py --annotation-file $E/mmbench/mmbench_dev_20230712.tsv --result-dir $E/mmbench/answers/mmbench_dev_20230712 --upload-dir $E/mmbench/answers_upload/mmbench_dev_20230712 --experiment $NAME"
   add "# SEED-Bench (image part; upstream evaluates on extracted video frames too)"
   add "python -m llava.eval.model_vqa_loader $COMMON --question-file $E/seed_bench/llava-seed-bench.jsonl --image-folder $E/seed_bench --answers-file $E/seed_bench/answers/$NAME/merge.jsonl"
+  add "mkdir -p $E/seed_bench/answers_upload"
   add "python scripts/convert_seed_for_submission.py --annotation-file $E/seed_bench/SEED-Bench.json --result-file $E/seed_bench/answers/$NAME/merge.jsonl --result-upload-file $E/seed_bench/answers_upload/$NAME.jsonl"
 fi
 
