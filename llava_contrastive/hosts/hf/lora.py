@@ -1,5 +1,5 @@
-"""Stage 2 on the native host: LoRA (or QLoRA, 4-bit base) on the language model, projector trained
-in full, contrastive term optional.
+"""Stage 2 on the native host: LoRA (or QLoRA, 8-bit / 4-bit base) on the language model, projector
+trained in full, contrastive term optional. The training entry is ``finetune.py``.
 
 CPU trap handled here (bitsandbytes >= 0.49): on CPUs with AVX512-BF16, an eval-mode forward of a
 ``bnb.nn.Linear4bit`` without grad repacks its weight into an inference-only layout; every later
@@ -32,25 +32,39 @@ def disable_cpu_inference_repacking(model) -> int:
     return n
 
 
-def load_stage2(model_dir, bits: int = 16, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                projector: Optional[str] = None, model_class=None, fix_cpu_repacking: bool = True):
-    """Native (contrastive) LLaVA with LoRA adapters on the LLM; ``bits=4`` loads the LLM in NF4.
-    The projector is trainable, the vision tower frozen. Returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
+def quantization_config(bits: int, compute_dtype: torch.dtype = torch.float32):
+    """bitsandbytes config for the LLM only (vision tower, projector and lm_head stay unquantised)."""
     from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(SKIP_QUANT))
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIP_QUANT))
+    if bits == 16:
+        return None
+    raise ValueError(f"bits must be 16, 8 or 4, got {bits}")
+
+
+def load_stage2(model_dir, bits: int = 16, lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                projector: Optional[str] = None, model_class=None, fix_cpu_repacking: bool = True,
+                dtype: torch.dtype = torch.float32, device_map=None):
+    """Native (contrastive) LLaVA with LoRA adapters on the LLM; ``bits=8`` / ``bits=4`` load the LLM in
+    int8 / NF4 (``dtype`` is then the compute dtype of the rest). The projector is trainable (full
+    copy, ``modules_to_save``), the vision tower frozen. ``device_map`` applies to quantised loads
+    (default: everything on the CPU). Returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
 
     from .convert import load_projector
     from .model import ContrastiveLlavaForConditionalGeneration
 
     model_class = model_class or ContrastiveLlavaForConditionalGeneration
-    kwargs = {"dtype": torch.float32}
-    if bits == 4:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(SKIP_QUANT))
-        kwargs["device_map"] = {"": "cpu"}
-    elif bits != 16:
-        raise ValueError("bits must be 16 or 4")
+    kwargs = {"dtype": dtype}
+    quant = quantization_config(bits, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = device_map if device_map is not None else {"": "cpu"}
     model = model_class.from_pretrained(str(model_dir), **kwargs)
     if projector is not None:
         load_projector(model, projector)

@@ -8,15 +8,25 @@
 
 Only ``model.multi_modal_projector`` and the contrastive head train. The output directory holds
 ``mm_projector.bin`` (upstream keys: drop-in for upstream stage 2 ``--pretrain_mm_mlp_adapter``),
-``contrastive_head.bin``, and a complete native checkpoint + processor (``from_pretrained``-able).
+``contrastive_head.safetensors`` + ``contrastive_config.json`` (the upstream host's head format),
+``trainer_state.json``, and (not under ZeRO-3) a complete native checkpoint + processor.
+
+``--save_strategy steps`` writes resumable stage-1 checkpoints: ``checkpoint-N`` holds the projector
+and head files, optimizer, scheduler, RNG and trainer state, never the frozen LLM (under DeepSpeed the
+engine checkpoint excludes frozen parameters). Each is written into ``tmp-checkpoint-N`` and renamed
+when complete. Re-running the same command resumes from the last complete checkpoint in
+``--output_dir`` (leftovers of an interrupted save are removed first); ``--resume_from_checkpoint DIR``
+resumes from a given one.
 Multi-rank CPU: ``torchrun --nproc_per_node 2 -m llava_contrastive.hosts.hf.train ... --use_cpu``
 (``use_cpu`` is forced on machines without CUDA; without it each rank trains on everything).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import sys
+import shutil
+import signal
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -25,10 +35,15 @@ import torch.distributed as dist
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+from ...checkpointing import (TRAINER_STATE_FILE, clean_incomplete_checkpoints, commit_staged, is_complete_checkpoint,
+                              last_complete_checkpoint, staging_dir)
 from ...config import ContrastiveArguments
+from ...faults import fault_step
 from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
+from . import checkpoint as ckpt
 from . import convert
 from .data import Collator, PretrainDataset
+from .launch import init_distributed_for_deepspeed, with_cpu_flag
 from .model import ContrastiveLlavaForConditionalGeneration, ContrastiveLlavaOutput
 
 logger = logging.getLogger("llava_contrastive")
@@ -66,6 +81,10 @@ class ContrastiveHFTrainer(Trainer):
     def __init__(self, *a, contrastive_args: ContrastiveArguments, **kw):
         super().__init__(*a, **kw)
         self.contrastive_args = contrastive_args
+        # transformers 5 divides the NTP by the token count of all ranks and multiplies the loss by the
+        # world size: that factor would multiply the contrastive term too (it is already a global
+        # mean on every rank). Per-rank means averaged over ranks instead, as upstream's trainer does.
+        self.model_accepts_loss_kwargs = False
         self._contrastive_model = find_contrastive_model(self.model) if contrastive_args.enabled else None
         self._stats: Dict[str, torch.Tensor] = {}
         if self._contrastive_model is not None:
@@ -118,42 +137,120 @@ class ContrastiveHFTrainer(Trainer):
             out["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
         return out
 
+    # ---- saving: stage-1 checkpoints -----------------------------------------------------------
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """The trainable state only (mm_projector.bin + head files); never the frozen LLM."""
+        ckpt.save_stage1_files(self.model, output_dir or self.args.output_dir, is_main=self.args.should_save)
 
-def _gathered_state(module, zero3: bool) -> Dict[str, torch.Tensor]:
-    if zero3:
-        import deepspeed
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint (stage-1 files, optimizer, scheduler, scaler, RNG, trainer state),
+        written into tmp-checkpoint-N and renamed to checkpoint-N once every rank has written its part."""
+        from transformers.trainer_callback import ExportableState
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = staging_dir(final)
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        if self.args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.save_model(staging, _internal_call=True)
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) \
+                and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if best == final or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging)
+            self._save_scaler(staging)
+            self._save_rng_state(staging)
+        if self.args.should_save:
+            for cb in self.callback_handler.callbacks + [self.control]:
+                if isinstance(cb, ExportableState):
+                    name = type(cb).__name__
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(cb.state())
+                    else:
+                        self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every rank's RNG state and DeepSpeed shards are in
+        if self.args.should_save:
+            commit_staged(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            self._rotate(run_dir)
+
+    def _rotate(self, run_dir: str) -> None:
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:  # transformers < 5
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            return
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if fault_step("kill_in_save") == self.state.global_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
+        with ckpt.trainable_only_engine_save(self.model_wrapped, enabled=self.is_deepspeed_enabled):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    # ---- resuming ---------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if ckpt.has_stage1_files(resume_from_checkpoint):
+            target = find_contrastive_model(model if model is not None else self.model) or self.model
+            logger.info("resuming stage-1 weights (projector, head) from %s", resume_from_checkpoint)
+            ckpt.load_stage1_weights(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def train(self, resume_from_checkpoint=None, trial=None, auto_resume: bool = False, **kwargs):
+        """``resume_from_checkpoint``: a checkpoint directory, True (the last complete one), or None;
+        ``auto_resume``: resume from the last complete checkpoint in output_dir if there is one.
+        Leftovers of interrupted saves are removed first."""
+        out = self.args.output_dir
+        if self.args.should_save:
+            clean_incomplete_checkpoints(out)
+        self.accelerator.wait_for_everyone()
+        if resume_from_checkpoint is True or (resume_from_checkpoint is None and auto_resume):
+            found = last_complete_checkpoint(out)
+            if found is None and resume_from_checkpoint is True:
+                raise ValueError(f"no complete checkpoint-* in {out} to resume from")
+            resume_from_checkpoint = found
+        elif resume_from_checkpoint:
+            if not is_complete_checkpoint(resume_from_checkpoint):
+                raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint (no {TRAINER_STATE_FILE}); "
+                                 f"resume from another checkpoint-* or start without --resume_from_checkpoint")
+        if resume_from_checkpoint and self.is_world_process_zero():
+            logger.warning("resuming from %s", resume_from_checkpoint)
+        guard = ckpt.deepspeed_nonstrict_resume() if self.is_deepspeed_enabled else contextlib.nullcontext()
+        with guard:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
 
 
 def save_stage1(trainer: Trainer, model, processor, output_dir: str) -> None:
-    """mm_projector.bin (upstream keys) + contrastive_head.bin (+ a full native checkpoint unless ZeRO-3)."""
-    zero3 = transformers.integrations.is_deepspeed_zero3_enabled()
-    proj = _gathered_state(model.model.multi_modal_projector, zero3)
-    head = _gathered_state(model.contrastive_head, zero3) if model.contrastive_head is not None else None
-    if trainer.args.should_save:
-        os.makedirs(output_dir, exist_ok=True)
-        native = {convert.NATIVE_PREFIX + k: v for k, v in proj.items()}
-        torch.save(convert.native_to_upstream(native), os.path.join(output_dir, "mm_projector.bin"))
-        if head is not None:
-            torch.save(head, os.path.join(output_dir, "contrastive_head.bin"))
-        if not zero3:
-            model.save_pretrained(output_dir)
-            processor.save_pretrained(output_dir)
+    """Final output: mm_projector.bin (upstream keys), the head files, trainer_state.json, and a full
+    native checkpoint + processor unless ZeRO-3. Collective under ZeRO-3."""
+    zero3 = ckpt.is_zero3()
+    ckpt.save_stage1_files(model, output_dir, is_main=trainer.args.should_save, zero3=zero3)
+    trainer.save_state()
+    if trainer.args.should_save and not zero3:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
 
 
 def main(argv=None) -> Trainer:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, ContrastiveArguments))
-    margs, dargs, targs, cargs = parser.parse_args_into_dataclasses(args=argv)
-    if not torch.cuda.is_available() and not targs.use_cpu:
-        targs.use_cpu = True  # multi-rank CPU runs: without it every rank trains on everything
+    margs, dargs, targs, cargs = parser.parse_args_into_dataclasses(args=with_cpu_flag(argv))
     targs.remove_unused_columns = False
     cargs.validate()
     logging.basicConfig(level=logging.INFO if targs.should_log else logging.WARNING)
-    if targs.deepspeed and "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")  # before from_pretrained under ZeRO-3
+    transformers.set_seed(targs.seed)  # before the model is built: the projector init follows --seed
+    init_distributed_for_deepspeed(targs)
 
     if margs.model_name_or_path:
         model = ContrastiveLlavaForConditionalGeneration.from_pretrained(margs.model_name_or_path, dtype=torch.float32)
@@ -180,7 +277,7 @@ def main(argv=None) -> Trainer:
     trainer = ContrastiveHFTrainer(model=model, args=targs, train_dataset=dataset,
                                    data_collator=Collator(processor.tokenizer.pad_token_id),
                                    processing_class=processor, contrastive_args=cargs)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint, auto_resume=True)
     save_stage1(trainer, model, processor, targs.output_dir)
     return trainer
 

@@ -3,18 +3,15 @@ configs that upstream tools still load. Every file this project reads back is lo
 ``weights_only=True`` or safetensors."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterable, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ...checkpointing import (HEAD_CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE, atomic_torch_save,  # noqa: F401
+                              atomic_write_text, load_head, load_projector_state, save_head)
 from .compat import LlavaConfig, llava_trainer
 
-PROJECTOR_FILE = "mm_projector.bin"
-HEAD_FILE = "contrastive_head.safetensors"
-HEAD_CONFIG_FILE = "contrastive_config.json"
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")  # what upstream's checkpoint save matches
 
 
@@ -22,19 +19,6 @@ def gathered(named_params: Iterable[Tuple[str, torch.Tensor]], keys: Iterable[st
     """CPU copies of the parameters whose name contains one of ``keys``, gathered under ZeRO-3
     (upstream's own helper, so the keys and shapes are exactly upstream's)."""
     return llava_trainer.get_mm_adapter_state_maybe_zero_3(named_params, list(keys))
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def head_state(model) -> Dict[str, torch.Tensor]:
@@ -65,18 +49,7 @@ def save_stage1(model, output_dir: str, is_main: bool, use_im_start_end: bool = 
     LlavaConfig.from_dict(upstream_config_dict(model.config)).save_pretrained(output_dir)
     atomic_torch_save(projector, os.path.join(output_dir, PROJECTOR_FILE))
     if head is not None:
-        tmp = os.path.join(output_dir, f"{HEAD_FILE}.tmp-{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in head.items()}, tmp)
-        os.replace(tmp, os.path.join(output_dir, HEAD_FILE))
-        atomic_write_text(json.dumps(model.contrastive_args.to_dict(), indent=2, sort_keys=True),
-                          os.path.join(output_dir, HEAD_CONFIG_FILE))
-
-
-def load_projector_state(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a readable projector file ({err})") from err
+        save_head(head, model.contrastive_args.to_dict(), output_dir)
 
 
 def expected_projector_shapes(projector_type: str, mm_hidden_size: int, hidden_size: int) -> Dict[str, tuple]:
@@ -128,28 +101,3 @@ def load_stage1_weights(model, checkpoint_dir: str) -> None:
             params[k].data.copy_(v.to(params[k].dtype))
     if getattr(model, "contrastive_head", None) is not None:
         load_head(model, checkpoint_dir)
-
-
-def load_head(model, directory: str) -> None:
-    path = os.path.join(directory, HEAD_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: contrastive head missing (the run has --contrastive_weight > 0)")
-    cfg_path = os.path.join(directory, HEAD_CONFIG_FILE)
-    if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        current = model.contrastive_args.to_dict()
-        shape_keys = ("contrastive_loss", "contrastive_head", "contrastive_head_dim", "contrastive_queue_size")
-        diff = {k: (saved.get(k), current[k]) for k in shape_keys if saved.get(k) != current[k]}
-        if diff:
-            raise ValueError(f"{path}: contrastive head from another configuration: "
-                             + ", ".join(f"--{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
-    state = load_file(path)
-    head = model.contrastive_head
-    own = dict(head.state_dict())
-    if set(own) != set(state):
-        raise ValueError(f"{path}: keys {sorted(state)} do not match the head's {sorted(own)}")
-    for k, v in state.items():
-        if own[k].numel() != 0 and tuple(own[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    head.load_state_dict(state, strict=True)
