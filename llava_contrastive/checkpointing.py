@@ -67,9 +67,10 @@ def save_head(state: Mapping[str, torch.Tensor], contrastive_args: dict, directo
     atomic_write_text(json.dumps(contrastive_args, indent=2, sort_keys=True), os.path.join(directory, HEAD_CONFIG_FILE))
 
 
-def load_head(model, directory: str) -> None:
+def load_head(model, directory: str, for_evaluation: bool = False) -> None:
     """Restore ``model.contrastive_head`` from ``directory``, refusing a head saved under settings
-    that change its shapes (loss, linear head, head dim, queue size)."""
+    that change its shapes (loss, linear head, head dim, queue size). ``for_evaluation``: the text
+    queue (a training-only buffer) is neither compared nor loaded."""
     path = os.path.join(directory, HEAD_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: contrastive head missing (the run has --contrastive_weight > 0)")
@@ -78,11 +79,14 @@ def load_head(model, directory: str) -> None:
         with open(cfg_path) as f:
             saved = json.load(f)
         current = model.contrastive_args.to_dict()
-        diff = {k: (saved.get(k), current[k]) for k in HEAD_SHAPE_KEYS if saved.get(k) != current[k]}
+        keys = [k for k in HEAD_SHAPE_KEYS if not (for_evaluation and k == "contrastive_queue_size")]
+        diff = {k: (saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]}
         if diff:
             raise ValueError(f"{path}: contrastive head from another configuration: "
                              + ", ".join(f"--{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
     state = load_file(path)
+    if for_evaluation:
+        state = {k: v for k, v in state.items() if not k.startswith("queue.")}
     head = model.contrastive_head
     own = dict(head.state_dict())
     if set(own) != set(state):

@@ -9,6 +9,9 @@ the run's ``contrastive_config.json`` when a run directory is given).
 Outputs in ``--output_dir``: ``report.json`` (metrics, settings, paths), ``similarity_hist.png``,
 ``embedding_projection.png`` and, when the run's ``trainer_state.json`` is found,
 ``training_curves.png``. ``evaluate(...)`` is the programmatic entry point.
+
+Everything except ``build_model`` / ``build_data`` / ``evaluate`` / ``parse_args`` is host-agnostic and
+imports no host package: the transformers-native host (``llava_contrastive.hosts.hf.eval``) reuses it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ if __package__ in (None, ""):
 
 from llava_contrastive.config import ContrastiveArguments  # noqa: E402
 
+IGNORE_INDEX = -100  # label of unsupervised positions (upstream's constants.IGNORE_INDEX, transformers')
 PROJECTOR_FILE = "mm_projector.bin"
 HEAD_FILE = "contrastive_head.safetensors"
 HEAD_CONFIG_FILE = "contrastive_config.json"
@@ -97,6 +101,22 @@ def contrastive_settings(run_dir: Optional[Path], overrides: Optional[Dict[str, 
     return args
 
 
+def settings_and_head(run_dir: Optional[Path], head: Optional[str], contrastive: Optional[Dict[str, Any]]
+                      ) -> tuple[ContrastiveArguments, Optional[Path]]:
+    """(embedding settings, directory of the trained head that applies to them or None): ``--head`` or
+    the run's head, the settings saved beside it (else the run's), ``contrastive`` overrides on top."""
+    head_dir = Path(head) if head else (run_dir if run_dir is not None and (run_dir / HEAD_FILE).is_file() else None)
+    settings_dir = head_dir if head_dir is not None and (head_dir / HEAD_CONFIG_FILE).is_file() else run_dir
+    cargs = contrastive_settings(settings_dir, contrastive)
+    if head_dir is not None and (head_dir / HEAD_CONFIG_FILE).is_file():
+        saved = json.loads((head_dir / HEAD_CONFIG_FILE).read_text())
+        if any(saved.get(k) != getattr(cargs, k) for k in ("contrastive_loss", "contrastive_head", "contrastive_head_dim")):
+            head_dir = None  # embeddings overridden to another head shape: the trained head does not apply
+    if cargs.contrastive_weight <= 0:
+        cargs = dataclasses.replace(cargs, contrastive_weight=1.0)  # settings only; nothing is trained here
+    return cargs, head_dir
+
+
 def build_model(model_name_or_path: str, vision_tower: str, projector_file: Path, projector_type: str,
                 select_layer: int, cargs: ContrastiveArguments, model_max_length: int, head_dir: Optional[Path]):
     import torch
@@ -130,7 +150,7 @@ def build_model(model_name_or_path: str, vision_tower: str, projector_file: Path
     model.init_contrastive(cargs, tokenizer)
     head_loaded = None
     if head_dir is not None and (head_dir / HEAD_FILE).is_file():
-        load_head(model, str(head_dir))
+        load_head(model, str(head_dir), for_evaluation=True)
         head_loaded = str(head_dir / HEAD_FILE)
     elif cargs.contrastive_head != "none":
         raise FileNotFoundError(f"--contrastive_head {cargs.contrastive_head} needs the trained head "
@@ -164,12 +184,13 @@ class Embedded:
     records: int
 
 
-def embed_dataset(model, dataset, collator, batch_size: int = 64, progress: bool = True) -> Embedded:
+def embed_dataset(model, dataset, collator, batch_size: int = 64, progress: bool = True,
+                  image_key: str = "images") -> Embedded:
+    """``model.embed_pairs(input_ids, attention_mask, labels, batch[image_key])`` over the dataset
+    (either host's model: upstream batches carry ``images``, native ones ``pixel_values``)."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
-
-    from llava_contrastive.hosts.llava.compat import IGNORE_INDEX
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=0)
     images, texts, keys = [], [], []
@@ -177,7 +198,7 @@ def embed_dataset(model, dataset, collator, batch_size: int = 64, progress: bool
     with torch.no_grad():
         for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
             img, txt, k, _rows, loss = model.embed_pairs(batch["input_ids"], batch["attention_mask"],
-                                                         batch["labels"], batch["images"])
+                                                         batch["labels"], batch[image_key])
             n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # predicted tokens (shifted)
             if loss is not None and n_tok > 0 and math.isfinite(float(loss)):
                 loss_sum += float(loss) * n_tok
@@ -325,7 +346,7 @@ def train_summary(trainer_state: Optional[Path]) -> Dict[str, Any]:
 def evaluate(model_name_or_path: str, vision_tower: str, projector: str, data_path: str, image_folder: str,
              output_dir: Optional[str] = None, head: Optional[str] = None, max_samples: Optional[int] = None,
              batch_size: int = 64, trainer_state: Optional[str] = None, mm_projector_type: str = "auto",
-             mm_vision_select_layer: int = -2, model_max_length: int = 128,
+             mm_vision_select_layer: int = -2, model_max_length: int = 2048,
              contrastive: Optional[Dict[str, Any]] = None, figures: bool = True, progress: bool = True,
              return_embeddings: bool = False) -> Dict[str, Any]:
     """Evaluate a projector on held-out pairs; returns the report dict (also written to
@@ -335,15 +356,7 @@ def evaluate(model_name_or_path: str, vision_tower: str, projector: str, data_pa
     t0 = time.time()
     torch.manual_seed(0)
     projector_file, run_dir = resolve_projector(projector)
-    head_dir = Path(head) if head else (run_dir if run_dir is not None and (run_dir / HEAD_FILE).is_file() else None)
-    settings_dir = head_dir if head_dir is not None and (head_dir / HEAD_CONFIG_FILE).is_file() else run_dir
-    cargs = contrastive_settings(settings_dir, contrastive)
-    if head_dir is not None and (head_dir / HEAD_CONFIG_FILE).is_file():
-        saved = json.loads((head_dir / HEAD_CONFIG_FILE).read_text())
-        if any(saved.get(k) != getattr(cargs, k) for k in ("contrastive_loss", "contrastive_head", "contrastive_head_dim")):
-            head_dir = None  # embeddings overridden to another head shape: the trained head does not apply
-    if cargs.contrastive_weight <= 0:
-        cargs = dataclasses.replace(cargs, contrastive_weight=1.0)  # settings only; nothing is trained here
+    cargs, head_dir = settings_and_head(run_dir, head, contrastive)
     state = None
     if mm_projector_type == "auto":
         from llava_contrastive.hosts.llava.checkpoint import load_projector_state
@@ -355,22 +368,34 @@ def evaluate(model_name_or_path: str, vision_tower: str, projector: str, data_pa
         model_max_length, head_dir)
     dataset, collator = build_data(data_path, image_folder, tokenizer, processor, max_samples)
     emb = embed_dataset(model, dataset, collator, batch_size=batch_size, progress=progress)
+    settings = {"mm_projector_type": mm_projector_type, "mm_vision_select_layer": mm_vision_select_layer,
+                "batch_size": batch_size, "max_samples": max_samples, "model_max_length": model_max_length}
+    paths = {"model_name_or_path": str(model_name_or_path), "vision_tower": str(vision_tower),
+             "projector": str(projector_file), "head": head_loaded, "data_path": str(data_path),
+             "image_folder": str(image_folder)}
+    return finish_report(emb, cargs, settings, paths, run_dir=run_dir, trainer_state=trainer_state,
+                         output_dir=output_dir, figures=figures, t0=t0, return_embeddings=return_embeddings)
+
+
+def finish_report(emb: Embedded, cargs: ContrastiveArguments, settings: Dict[str, Any], paths: Dict[str, Any], *,
+                  run_dir: Optional[Path], trainer_state: Optional[str], output_dir: Optional[str], figures: bool,
+                  t0: float, return_embeddings: bool = False) -> Dict[str, Any]:
+    """The report of either host: metrics, training summary, ``settings`` / ``paths`` (host-specific
+    entries) completed with the generic ones; figures and report.json in ``output_dir`` when given."""
     report: Dict[str, Any] = metrics_from_embeddings(emb)
     trainer_state_path = Path(trainer_state) if trainer_state else find_trainer_state(run_dir)
     report.update(train_summary(trainer_state_path))
     report["records"] = emb.records
     report["ntp_tokens"] = emb.ntp_tokens
     report["settings"] = {
-        "mm_projector_type": mm_projector_type, "mm_vision_select_layer": mm_vision_select_layer,
-        "batch_size": batch_size, "max_samples": max_samples, "model_max_length": model_max_length,
+        **settings,
         "duplicates_masked": emb.keys is not None,
         "embedding": {k: getattr(cargs, k) for k in EMBEDDING_FLAGS},
-        "run_contrastive_weight": _run_weight(run_dir),
+        "run_contrastive_weight": settings.get("run_contrastive_weight", _run_weight(run_dir)),
     }
     report["paths"] = {
-        "model_name_or_path": str(model_name_or_path), "vision_tower": str(vision_tower),
-        "projector": str(projector_file), "head": head_loaded, "data_path": str(data_path),
-        "image_folder": str(image_folder), "trainer_state": str(trainer_state_path) if trainer_state_path else None,
+        **paths,
+        "trainer_state": str(trainer_state_path) if trainer_state_path else None,
         "output_dir": str(output_dir) if output_dir else None,
     }
     if output_dir:
@@ -428,6 +453,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model_name_or_path", required=True, help="base LLM (the stage-1 LLM)")
     p.add_argument("--vision_tower", required=True)
     p.add_argument("--projector", required=True, help="mm_projector.bin or a stage-1 output directory")
+    p.add_argument("--mm_projector_type", default="auto", help="auto | linear | mlp2x_gelu | mlpNx_gelu")
+    p.add_argument("--mm_vision_select_layer", type=int, default=-2)
+    add_shared_args(p)
+    return p.parse_args(argv)
+
+
+def add_shared_args(p: argparse.ArgumentParser) -> None:
+    """The flags both hosts' evaluation entry points take (data, outputs, embedding settings)."""
     p.add_argument("--head", default=None, help="directory with contrastive_head.safetensors (default: the projector's)")
     p.add_argument("--data_path", required=True, help="held-out LLaVA-Pretrain-format JSON")
     p.add_argument("--image_folder", required=True)
@@ -435,9 +468,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--max_samples", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--trainer_state", default=None, help="trainer_state.json (default: the run's, when found)")
-    p.add_argument("--mm_projector_type", default="auto", help="auto | linear | mlp2x_gelu | mlpNx_gelu")
-    p.add_argument("--mm_vision_select_layer", type=int, default=-2)
-    p.add_argument("--model_max_length", type=int, default=128)
+    p.add_argument("--model_max_length", type=int, default=2048,
+                   help="counts the image tokens too (576 at 336 px), as upstream's stage 1 (2048)")
     p.add_argument("--no_figures", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     for f in dataclasses.fields(ContrastiveArguments):
@@ -446,7 +478,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
         typ = {int: int, float: float, str: str, bool: _bool}.get(type(f.default), str)
         p.add_argument(f"--{f.name}", type=typ, default=None,
                        help=f"{f.metadata.get('help', '')} (default: the run's setting, else {f.default!r})")
-    return p.parse_args(argv)
+
+
+def embedding_overrides(a: argparse.Namespace) -> Dict[str, Any]:
+    """The ``--contrastive_*`` embedding flags given on the command line."""
+    return {k: getattr(a, k) for k in EMBEDDING_FLAGS if getattr(a, k) is not None}
 
 
 def _bool(v: str) -> bool:
@@ -460,7 +496,7 @@ def _bool(v: str) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    overrides = {k: getattr(a, k) for k in EMBEDDING_FLAGS if getattr(a, k) is not None}
+    overrides = embedding_overrides(a)
     report = evaluate(a.model_name_or_path, a.vision_tower, a.projector, a.data_path, a.image_folder,
                       output_dir=a.output_dir, head=a.head, max_samples=a.max_samples, batch_size=a.batch_size,
                       trainer_state=a.trainer_state, mm_projector_type=a.mm_projector_type,

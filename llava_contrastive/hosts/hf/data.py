@@ -30,6 +30,10 @@ class PretrainDataset(Dataset):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.image_seq_length = int(image_seq_length)
         self.max_length = int(max_length)
+        if self.max_length < self.image_seq_length + 3:
+            raise ValueError(f"--model_max_length {self.max_length} leaves no caption tokens after bos and the "
+                             f"{self.image_seq_length} image tokens: use at least {self.image_seq_length + 3} "
+                             f"(upstream's stage 1 uses 2048)")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -42,7 +46,7 @@ class PretrainDataset(Dataset):
         tok = self.tokenizer
         caption_ids = tok(self.caption(record) + "\n", add_special_tokens=False).input_ids
         prefix = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [self.image_token_id] * self.image_seq_length
-        caption_ids = caption_ids[: max(self.max_length - len(prefix), 1)]
+        caption_ids = caption_ids[: self.max_length - len(prefix)]
         input_ids = torch.tensor(prefix + caption_ids, dtype=torch.long)
         labels = input_ids.clone()
         labels[: len(prefix)] = IGNORE_INDEX

@@ -70,8 +70,10 @@ class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 has_text_head=args.contrastive_head != "none")
         self.contrastive_args = args
         weight = self.get_input_embeddings().weight
-        device = weight.device if weight.device.type != "meta" else "cpu"
-        self.contrastive_head = ContrastiveHead(args, self.config.text_config.hidden_size).to(device)
+        head = ContrastiveHead(args, self.config.text_config.hidden_size)
+        # inside from_pretrained (config.contrastive set) the model is built on meta: the head stays
+        # there and is materialised from the checkpoint's contrastive_head.* weights
+        self.contrastive_head = head if weight.device.type == "meta" else head.to(weight.device)
         self.config.contrastive = args.to_dict()
         if tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a LlavaProcessor is fine too

@@ -63,7 +63,7 @@ class ModelArguments:
 class DataArguments:
     data_path: str = field(default=None, metadata={"help": "LLaVA-Pretrain JSON"})
     image_folder: str = field(default=None)
-    model_max_length: int = field(default=256)
+    model_max_length: int = field(default=2048, metadata={"help": "counts the image tokens too (576 at 336 px)"})
 
 
 class ClampLogitScale(TrainerCallback):
