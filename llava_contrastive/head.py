@@ -4,7 +4,7 @@ excluded from weight decay."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -108,10 +108,12 @@ def find_contrastive_model(model: nn.Module) -> nn.Module | None:
 
 
 def optimizer_with_head_group(create: Callable[[], torch.optim.Optimizer], head_params: list,
-                              lr: float) -> torch.optim.Optimizer:
-    """``create()`` (a trainer's own grouping) with the head's parameters hidden from it, then one
-    group for them: their own learning rate, no weight decay. Empty groups are dropped (e.g.
-    upstream's --mm_projector_lr with LoRA), which torch >= 2.x schedulers reject."""
+                              lr: float, weight_decay: float = 0.0, decayed: Sequence = ()) -> torch.optim.Optimizer:
+    """``create()`` (a trainer's own grouping) with ``head_params`` hidden from it, then groups for
+    them with their own learning rate: those in ``decayed`` with ``weight_decay``, the rest (by
+    default all: the contrastive head) without. Also used for stage 2's projector group
+    (``--mm_projector_lr``). Empty groups are dropped (e.g. upstream's --mm_projector_lr with LoRA),
+    which torch >= 2.x schedulers reject."""
     for p in head_params:
         p.requires_grad_(False)
     try:
@@ -119,8 +121,12 @@ def optimizer_with_head_group(create: Callable[[], torch.optim.Optimizer], head_
     finally:
         for p in head_params:
             p.requires_grad_(True)
-    if head_params:
-        optimizer.add_param_group({"params": head_params, "weight_decay": 0.0, "lr": lr})
+    decayed_ids = {id(p) for p in decayed}
+    for with_decay in (True, False):
+        params = [p for p in head_params if (id(p) in decayed_ids) == with_decay]
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": weight_decay if with_decay else 0.0,
+                                       "lr": lr})
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if len(g["params"]) > 0]
     return optimizer
 

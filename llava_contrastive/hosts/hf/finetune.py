@@ -43,6 +43,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from ...config import ContrastiveArguments
+from ...head import optimizer_with_head_group
 from . import convert
 from .instruct_data import InstructCollator, InstructDataset, split_records
 from .launch import init_distributed_for_deepspeed, with_cpu_flag
@@ -147,21 +148,10 @@ class Stage2Trainer(Trainer):
         opt_model = self.model if model is None else model
         proj = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and PROJECTOR_KEY in n]
         decay = set(self.get_decay_parameter_names(opt_model))
-        for _, p in proj:  # hidden from the default grouping, then their own groups
-            p.requires_grad_(False)
-        try:
-            optimizer = super().create_optimizer(model)
-        finally:
-            for _, p in proj:
-                p.requires_grad_(True)
-        for with_decay in (True, False):
-            params = [p for n, p in proj if (n in decay) == with_decay]
-            if params:
-                optimizer.add_param_group({"params": params, "lr": self.mm_projector_lr,
-                                           "weight_decay": self.args.weight_decay if with_decay else 0.0})
-        optimizer.param_groups[:] = [g for g in optimizer.param_groups if len(g["params"]) > 0]
-        self.optimizer = optimizer
-        return optimizer
+        self.optimizer = optimizer_with_head_group(
+            lambda: super(Stage2Trainer, self).create_optimizer(model), [p for _, p in proj], self.mm_projector_lr,
+            weight_decay=self.args.weight_decay, decayed=[p for n, p in proj if n in decay])
+        return self.optimizer
 
     def _clip_grad_norm(self, model):
         if self.grad_stats is not None:
