@@ -6,12 +6,16 @@ and tokenizer, in upstream's ``plain`` template:
 The caption is tokenised on its own (``add_special_tokens=False``) exactly like upstream's
 ``tokenizer_image_token`` tokenises the chunk after ``<image>``; the instruction of the human turn
 is dropped, as upstream's plain template does.
+
+Images are opened in ``__getitem__``: in training the dataset is wrapped in the core's
+``data_guard.GuardedDataset`` (records that fail to load then), after the pre-flight data check
+(``data_check.py``) has dropped (``--data_check_policy skip``) or refused (``error``) bad records.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -21,9 +25,13 @@ IGNORE_INDEX = -100
 
 
 class PretrainDataset(Dataset):
-    def __init__(self, data_path, image_folder, processor, image_seq_length: int, max_length: int = 256):
-        with open(data_path) as f:
-            self.records = json.load(f)
+    def __init__(self, data_path, image_folder, processor, image_seq_length: int, max_length: int = 256,
+                 records: Optional[List[dict]] = None):
+        """``records``: the records to use (e.g. the checked ones) instead of reading ``data_path``."""
+        if records is None:
+            with open(data_path) as f:
+                records = json.load(f)
+        self.records = records
         self.image_folder = str(image_folder)
         self.processor = processor
         self.tokenizer = processor.tokenizer

@@ -19,6 +19,28 @@ when complete. Re-running the same command resumes from the last complete checkp
 resumes from a given one.
 Multi-rank CPU: ``torchrun --nproc_per_node 2 -m llava_contrastive.hosts.hf.train ... --use_cpu``
 (``use_cpu`` is forced on machines without CUDA; without it each rank trains on everything).
+
+Reliability, the upstream host's guarantees through the same core code (``data_check.py``,
+``data_guard.py``, ``nonfinite.py``) and flags:
+
+* ``--data_check quick|full|off`` / ``--data_check_policy error|skip`` / ``--data_check_workers`` /
+  ``--data_check_cache``: the corpus is checked once (rank 0, broadcast) before training;
+  ``OUTPUT_DIR/data_check_report.json``; under ``error`` every rank stops before step 1 naming the bad
+  records and the fix (exit code 1, nothing trained, no checkpoint); under ``skip`` only the good
+  records are trained on and ``OUTPUT_DIR/skipped_records.json`` lists the others.
+* a record that fails to load during training: ``skip`` replaces it by the next loadable record
+  (counted: ``runtime_skipped_records.jsonl``, ``runtime_skipped_records`` in the logs; at most 1% + 10);
+  ``error`` stops all ranks at that step, after saving a resumable ``checkpoint-N`` (N = the last
+  completed step), naming the record; the same command resumes once the file is back.
+* ``--nonfinite_max_skips N`` (default 0): a non-finite loss or logit scale stops the run naming the
+  step and the values, the last checkpoint intact; within N, that micro-batch gets a zero gradient
+  (``nonfinite_skipped_total`` in the logs). All ranks decide together (one all-reduce per micro-batch).
+
+Trainer internals relied on (transformers 5.23): ``compute_loss`` (public: the guard runs there, after
+the forward), ``log`` and ``train`` (public), the batch reaching ``compute_loss`` as the collator built
+it (a list-of-strings key survives ``_prepare_inputs``), and the existing ``_save_checkpoint`` override
+below (``_save_optimizer_and_scheduler``, ``_save_scaler``, ``_save_rng_state``) to save the checkpoint
+before stopping.
 """
 from __future__ import annotations
 
@@ -27,6 +49,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -38,8 +61,13 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from ...checkpointing import (TRAINER_STATE_FILE, clean_incomplete_checkpoints, commit_staged, is_complete_checkpoint,
                               last_complete_checkpoint, staging_dir)
 from ...config import ContrastiveArguments
+from ...data_check import DataCheckArguments, DataCheckError, load_records, validate_settings
+from ...data_guard import (BAD_RECORDS_KEY, FlaggingCollator, GuardedDataset, data_check_settings, note_skipped,
+                           run_data_check, runtime_log_path)
 from ...faults import fault_step
 from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
+from ...nonfinite import (NonFiniteArguments, NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,
+                          zero_loss)
 from . import checkpoint as ckpt
 from . import convert
 from .data import Collator, PretrainDataset
@@ -78,9 +106,10 @@ class ContrastiveHFTrainer(Trainer):
     """transformers.Trainer + the head's optimizer group (--contrastive_lr, no decay) and the
     ntp_loss / contrastive_loss / logit_scale / in-batch accuracy logs (averaged over ranks)."""
 
-    def __init__(self, *a, contrastive_args: ContrastiveArguments, **kw):
+    def __init__(self, *a, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0, **kw):
         super().__init__(*a, **kw)
         self.contrastive_args = contrastive_args
+        self.nonfinite_guard = NonFiniteGuard(nonfinite_max_skips)
         # transformers 5 divides the NTP by the token count of all ranks and multiplies the loss by the
         # world size: that factor would multiply the contrastive term too (it is already a global
         # mean on every rank). Per-rank means averaged over ranks instead, as upstream's trainer does.
@@ -100,7 +129,12 @@ class ContrastiveHFTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        bad_records = inputs.pop(BAD_RECORDS_KEY, None) or []
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        if model.training:
+            if fault_step("nonfinite_loss") == self.state.global_step + 1:
+                loss = loss * float("nan")  # test hook (llava_contrastive/faults.py)
+            loss = self._guard_step(model, loss, outputs, bad_records)
         if model.training and isinstance(outputs, ContrastiveLlavaOutput) and outputs.contrastive_loss is not None:
             rows = outputs.contrastive_rows
             acc_rows = rows if outputs.i2t_accuracy is not None else torch.zeros_like(rows)
@@ -114,24 +148,47 @@ class ContrastiveHFTrainer(Trainer):
                 self._stats[k] = self._stats.get(k, 0) + v.detach().float()
         return (loss, outputs) if return_outputs else loss
 
+    def _guard_step(self, model, loss, outputs, bad_records):
+        """One all-reduce per micro-batch (core nonfinite.py): a record that failed to load on any rank
+        (--data_check_policy error) makes every rank raise DataCheckError at this step (train() saves a
+        checkpoint first); a non-finite loss / logit scale on any rank stops the run, or within
+        --nonfinite_max_skips gives this micro-batch a zero gradient on every rank."""
+        scale = getattr(outputs, "logit_scale", None)
+        verdict = agree_on_step(loss, scale, len(bad_records))
+        step = self.state.global_step + 1
+        raise_bad_records(verdict, step, bad_records)
+        values = {"loss": loss.detach(), "ntp_loss": getattr(outputs, "ntp_loss", None),
+                  "contrastive_loss": getattr(outputs, "contrastive_loss", None), "logit_scale": scale}
+        if not self.nonfinite_guard.check(verdict, step, values, self.args.output_dir):
+            return loss
+        return zero_loss(model.parameters())
+
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self._contrastive_model is not None:
+        if "loss" in logs:
             logs.update(self._pop_logs())
         super().log(logs, *args, **kwargs)
 
     def _pop_logs(self):
+        """Means since the last log, summed over ranks (every rank logs at the same step), and the
+        reliability counters (records replaced during training on all ranks, skipped non-finite steps)."""
         device = self.args.device
+        runtime_skips = float(getattr(self.train_dataset, "runtime_skips", 0) or 0)
         vec = torch.stack([torch.as_tensor(self._stats.get(k, 0.0), dtype=torch.float32, device=device)
-                           for k in _STAT_KEYS])
+                           for k in _STAT_KEYS] + [torch.tensor(runtime_skips, dtype=torch.float32, device=device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(vec)
         self._stats = {}
-        s = dict(zip(_STAT_KEYS, vec.tolist()))
-        if s["steps"] == 0:
-            return {}
-        out = {"ntp_loss": round(s["ntp_loss"] / s["steps"], 6),
-               "contrastive_loss": round(s["contrastive_loss"] / s["steps"], 6),
-               "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4)}
+        s = dict(zip(_STAT_KEYS + ("runtime_skips",), vec.tolist()))
+        out = {}
+        if s["runtime_skips"]:
+            out["runtime_skipped_records"] = int(s["runtime_skips"])
+        if self.nonfinite_guard.count:
+            out["nonfinite_skipped_total"] = self.nonfinite_guard.count
+        if s["steps"] == 0 or self._contrastive_model is None:
+            return out
+        out.update({"ntp_loss": round(s["ntp_loss"] / s["steps"], 6),
+                    "contrastive_loss": round(s["contrastive_loss"] / s["steps"], 6),
+                    "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4)})
         if s["acc_rows"] > 0:
             out["i2t_acc"] = round(s["i2t_hits"] / s["acc_rows"], 4)
             out["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
@@ -229,7 +286,16 @@ class ContrastiveHFTrainer(Trainer):
             logger.warning("resuming from %s", resume_from_checkpoint)
         guard = ckpt.deepspeed_nonstrict_resume() if self.is_deepspeed_enabled else contextlib.nullcontext()
         with guard:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
+            except DataCheckError as err:
+                # a record failed to load under --data_check_policy error: every rank raised at the same
+                # step (_guard_step), so they can save collectively; a DataCheckError of one rank only
+                # (e.g. more runtime skips than allowed) cannot save without the others: it just stops
+                if getattr(err, "agreed", False) or self.args.world_size == 1:
+                    logger.error("saving a resumable checkpoint at step %d before stopping", self.state.global_step)
+                    self._save_checkpoint(self.model, trial=None)
+                raise
 
 
 def save_stage1(trainer: Trainer, model, processor, output_dir: str) -> None:
@@ -243,11 +309,32 @@ def save_stage1(trainer: Trainer, model, processor, output_dir: str) -> None:
         processor.save_pretrained(output_dir)
 
 
+def checked_records(dargs: DataArguments, check: Dict, targs: TrainingArguments, tokenizer, image_tokens: int):
+    """The records to train on: all of them (``--data_check off``) or, after the pre-flight check
+    (once, on rank 0), the good ones; under ``--data_check_policy error`` with bad records every rank
+    raises DataCheckError here, before a trainer exists."""
+    records = load_records(dargs.data_path)
+    if check["data_check"] == "off":
+        return records
+    _ = targs.device  # the process group exists from here on (rank 0 checks, the others receive)
+    is_main = targs.should_save
+    report = run_data_check(records, data_path=dargs.data_path, image_folder=dargs.image_folder,
+                            output_dir=targs.output_dir, is_main=is_main, settings=check, tokenizer=tokenizer,
+                            model_max_length=dargs.model_max_length, image_tokens=int(image_tokens), stage="pretrain")
+    if report.bad:
+        records = [records[i] for i in report.good_indices]
+    note_skipped(report, check["data_check_policy"], targs.output_dir, is_main)
+    return records
+
+
 def main(argv=None) -> Trainer:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, ContrastiveArguments))
-    margs, dargs, targs, cargs = parser.parse_args_into_dataclasses(args=with_cpu_flag(argv))
+    parser = HfArgumentParser((ModelArguments, DataArguments, DataCheckArguments, NonFiniteArguments,
+                               TrainingArguments, ContrastiveArguments))
+    margs, dargs, check_args, nargs, targs, cargs = parser.parse_args_into_dataclasses(args=with_cpu_flag(argv))
     targs.remove_unused_columns = False
     cargs.validate()
+    check = data_check_settings(check_args)
+    validate_settings(check["data_check"], check["data_check_policy"])
     logging.basicConfig(level=logging.INFO if targs.should_log else logging.WARNING)
     transformers.set_seed(targs.seed)  # before the model is built: the projector init follows --seed
     init_distributed_for_deepspeed(targs)
@@ -272,15 +359,60 @@ def main(argv=None) -> Trainer:
     model.model.multi_modal_projector.requires_grad_(True)
     model.init_contrastive(cargs, processor.tokenizer)
 
-    dataset = PretrainDataset(dargs.data_path, dargs.image_folder, processor,
+    records = checked_records(dargs, check, targs, processor.tokenizer, model.config.image_seq_length)
+    dataset = PretrainDataset(dargs.data_path, dargs.image_folder, processor, records=records,
                               image_seq_length=model.config.image_seq_length, max_length=dargs.model_max_length)
+    dataset = GuardedDataset(dataset, check["data_check_policy"], log_path=runtime_log_path(targs.output_dir))
     trainer = ContrastiveHFTrainer(model=model, args=targs, train_dataset=dataset,
-                                   data_collator=Collator(processor.tokenizer.pad_token_id),
-                                   processing_class=processor, contrastive_args=cargs)
+                                   data_collator=FlaggingCollator(Collator(processor.tokenizer.pad_token_id)),
+                                   processing_class=processor, contrastive_args=cargs,
+                                   nonfinite_max_skips=nargs.nonfinite_max_skips)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint, auto_resume=True)
     save_stage1(trainer, model, processor, targs.output_dir)
     return trainer
 
 
+def cli(argv=None) -> int:
+    """``main`` for the command line: a refused corpus, a record that went bad under policy error or a
+    non-finite loss ends the process with exit code 1 and the message (every rank prints it; the
+    ranks leave the process group together), not a traceback."""
+    try:
+        main(argv)
+    except (DataCheckError, NonFiniteLossError) as err:
+        rank = int(os.environ.get("RANK", "0") or 0)
+        _write_stderr(f"[rank {rank}] {type(err).__name__}: {err}\n")
+        # raised on every rank at the same point (the pre-flight report, the per-step all-reduce): leave
+        # together; an error of one rank only (e.g. too many runtime skips) just exits, and the launcher
+        # stops the others
+        if isinstance(err, NonFiniteLossError) or getattr(err, "agreed", False) or getattr(err, "report", None):
+            _leave_process_group()
+        return 1
+    _leave_process_group()
+    return 0
+
+
+def _write_stderr(text: str) -> None:
+    """One write call, so that the messages of several ranks sharing the launcher's stderr do not
+    interleave (print() writes the text and the newline separately)."""
+    sys.stderr.flush()
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        pass
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before interpreter exit (left to the atexit order, gloo's threads
+    can abort the process after everything was saved)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - leaving anyway
+            pass
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -13,58 +13,28 @@
   ``error``; under ``skip`` it is logged, counted (``dataset.runtime_skips``, also appended to
   ``OUTPUT_DIR/runtime_skipped_records.jsonl``) and replaced by the next loadable record, up to
   1% of the records + 10, beyond which ``DataCheckError`` is raised.
+
+The host-agnostic parts (the rank-0 check and broadcast, report / skip files, GuardedDataset,
+FlaggingCollator) are llava_contrastive/data_guard.py, shared with the native host; this module
+adds what is upstream's: its data module, its dataset's ``list_data_dict``, its conversation template.
 """
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import logging
-import multiprocessing
 import os
-from typing import Any, Callable, Dict, Optional
-
-from torch.utils.data import Dataset
+from typing import Any, Callable, Optional
 
 from ...data_check import (FIX_HINT, BadRecord, CheckReport, DataCheckArguments, DataCheckError,  # noqa: F401
                            check_records, classify_exception, default_cache_path, load_records,
                            validate_settings, write_json_atomic)
+# the host-agnostic parts live in the core (llava_contrastive/data_guard.py), shared with hosts/hf
+from ...data_guard import (BAD_RECORD_KEY, BAD_RECORDS_KEY, CHECKED_DATA_NAME, REPORT_NAME,  # noqa: F401
+                           RUNTIME_SKIPS_NAME, SKIPPED_NAME, WAIT_TIMEOUT_ENV, FlaggingCollator, GuardedDataset,
+                           _Counter, data_check_settings, note_skipped, run_data_check, runtime_log_path)
+from ...data_guard import check_once as _check_once  # noqa: F401
 
 logger = logging.getLogger("llava_contrastive")
-
-REPORT_NAME = "data_check_report.json"
-SKIPPED_NAME = "skipped_records.json"
-CHECKED_DATA_NAME = "train_checked.json"
-RUNTIME_SKIPS_NAME = "runtime_skipped_records.jsonl"
-BAD_RECORD_KEY = "_bad_record"  # sample key set by GuardedDataset under policy error
-BAD_RECORDS_KEY = "_bad_records"  # batch key read (and removed) by the trainer
-
-
-class FlaggingCollator:
-    """Upstream's collator, plus ``batch["_bad_records"]`` listing records of the micro-batch that
-    failed to load under --data_check_policy error."""
-
-    def __init__(self, collator: Callable):
-        self.collator = collator
-
-    def __call__(self, instances):
-        bad = [x.pop(BAD_RECORD_KEY) for x in instances if isinstance(x, dict) and BAD_RECORD_KEY in x]
-        batch = self.collator(instances)
-        if bad:
-            batch[BAD_RECORDS_KEY] = bad
-        return batch
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["collator"], name)
-
-WAIT_TIMEOUT_ENV = "LLAVA_CONTRASTIVE_DATA_CHECK_TIMEOUT"  # seconds the other ranks wait for rank 0
-
-
-def data_check_settings(data_args: Any) -> Dict[str, Any]:
-    """The --data_check* flags of ``data_args`` (DataCheckArguments defaults when absent)."""
-    defaults = DataCheckArguments()
-    return {name: getattr(data_args, name, getattr(defaults, name))
-            for name in ("data_check", "data_check_policy", "data_check_workers", "data_check_cache")}
 
 
 def data_stage() -> str:
@@ -87,61 +57,6 @@ def image_tokens_of(model: Any) -> int:
         return 0
 
 
-def _dist():
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
-        return None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _check_once(run: Callable[[], CheckReport], *, write_report: Callable[[CheckReport], None],
-                is_main: bool) -> CheckReport:
-    """Run ``run`` on global rank 0 (or here, single process) and give every rank its report."""
-    dist = _dist()
-    if dist is None:
-        report = run()
-        if is_main:
-            write_report(report)
-        return report
-
-    rank = dist.get_rank()
-    timeout = datetime.timedelta(seconds=float(os.environ.get(WAIT_TIMEOUT_ENV, 24 * 3600)))
-    try:  # a CPU group of its own: its own (long) timeout, no CUDA device needed for the object
-        group = dist.new_group(backend="gloo", timeout=timeout)
-    except Exception:  # pragma: no cover - no gloo in this build
-        group = None
-    error: Optional[BaseException] = None
-    payload: Dict[str, Any] = {}
-    if rank == 0:
-        try:
-            report = run()
-            payload = {"report": report.to_json()}
-            if is_main:
-                write_report(report)
-        except BaseException as e:  # every rank must still reach the broadcast
-            error = e
-            payload = {"error": f"{type(e).__name__}: {e}"}
-    box = [payload]
-    dist.broadcast_object_list(box, src=0, group=group)
-    if group is not None:
-        try:
-            dist.destroy_process_group(group)
-        except Exception:  # pragma: no cover
-            pass
-    payload = box[0]
-    if error is not None:
-        raise error
-    if "error" in payload:
-        raise DataCheckError(f"the data check failed on rank 0: {payload['error']}")
-    report = CheckReport.from_json(payload["report"])
-    if is_main and rank != 0:  # e.g. the local main process of another node
-        write_report(report)
-    return report
-
-
 def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any, data_args: Any,
                              output_dir: str, is_main: bool, *, image_tokens: Optional[int] = None,
                              stage: Optional[str] = None, progress: Optional[bool] = None) -> dict:
@@ -155,7 +70,7 @@ def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any,
     validate_settings(mode, policy)
     module = original_make(tokenizer=tokenizer, data_args=data_args)
     dataset = module["train_dataset"]
-    guard_log = os.path.join(output_dir, RUNTIME_SKIPS_NAME) if output_dir else None
+    guard_log = runtime_log_path(output_dir)
     module["data_collator"] = FlaggingCollator(module["data_collator"])
     if mode == "off":
         module["train_dataset"] = GuardedDataset(dataset, policy, log_path=guard_log)
@@ -167,43 +82,15 @@ def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any,
     records = getattr(dataset, "list_data_dict", None)
     if records is None:
         records = load_records(data_args.data_path)
-    max_len = getattr(tokenizer, "model_max_length", None)
-    if max_len is not None and max_len > 10 ** 8:  # transformers' "no limit" sentinel
-        max_len = None
     image_folder = getattr(data_args, "image_folder", None)
-    cache = s["data_check_cache"] or default_cache_path(data_args.data_path, image_folder, mode, stage)
-
-    def run() -> CheckReport:
-        return check_records(records, image_folder, mode=mode, tokenizer=tokenizer, model_max_length=max_len,
-                             image_tokens=image_tokens, stage=stage, workers=int(s["data_check_workers"]),
-                             cache_path=cache, progress=is_main if progress is None else progress)
-
-    def write_report(report: CheckReport) -> None:
-        if not output_dir:
-            return
-        out = report.to_json()
-        out.update(data_path=os.path.abspath(data_args.data_path), policy=policy, cache=cache)
-        write_json_atomic(os.path.join(output_dir, REPORT_NAME), out, indent=1)
-
-    report = _check_once(run, write_report=write_report, is_main=is_main)
-    if report.bad and policy == "error":  # every rank raises, before the trainer exists
-        raise DataCheckError(report.summary(), report=report)
-    if is_main:
-        logger.info("%s", report.summary(max_items=20 if report.bad else 0))
+    report = run_data_check(records, data_path=data_args.data_path, image_folder=image_folder, output_dir=output_dir,
+                            is_main=is_main, settings=s, tokenizer=tokenizer,
+                            model_max_length=getattr(tokenizer, "model_max_length", None), image_tokens=image_tokens,
+                            stage=stage, progress=progress)
     if report.bad:
-        if not report.good_indices:
-            raise DataCheckError("no good record left to train on.\n" + report.summary(), report=report)
         dataset = _keep_only(original_make, tokenizer, data_args, dataset, records, report, output_dir, is_main)
         module["train_dataset"] = dataset
-        if is_main:
-            logger.warning("data check: skipping %d of %d records (%s); list in %s",
-                           len(report.bad), report.n_records,
-                           ", ".join(f"{r} {c}" for r, c in sorted(report.counts_by_reason.items())),
-                           os.path.join(output_dir, SKIPPED_NAME))
-    if policy == "skip" and is_main and output_dir:
-        skipped = [{"id": b.id, "image": b.image, "reason": b.reason, "detail": b.detail, "index": b.index}
-                   for b in report.bad]
-        write_json_atomic(os.path.join(output_dir, SKIPPED_NAME), skipped, indent=1)
+    note_skipped(report, policy, output_dir, is_main)
     module["train_dataset"] = GuardedDataset(module["train_dataset"], policy, log_path=guard_log)
     return module
 
@@ -220,144 +107,3 @@ def _keep_only(original_make, tokenizer, data_args, dataset, records, report: Ch
     args = copy.copy(data_args)
     args.data_path = path
     return original_make(tokenizer=tokenizer, data_args=args)["train_dataset"]
-
-
-# ----------------------------------------------------------------------------- runtime guard
-
-
-class _Counter:
-    """A count shared by the DataLoader worker processes (a plain int when that is impossible)."""
-
-    def __init__(self):
-        try:
-            self._value = multiprocessing.Value("q", 0)
-        except Exception:  # pragma: no cover - no shared memory / semaphores here
-            self._value = None
-        self._local = 0
-
-    def add(self, n: int = 1) -> int:
-        if self._value is None:
-            self._local += n
-            return self._local
-        with self._value.get_lock():
-            self._value.value += n
-            return self._value.value
-
-    @property
-    def value(self) -> int:
-        return self._local if self._value is None else int(self._value.value)
-
-    def __getstate__(self):
-        from multiprocessing import context
-
-        if self._value is not None and context.get_spawning_popen() is None:
-            return {"_value": None, "_local": self.value}  # copied outside process spawning: a snapshot
-        return self.__dict__
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
-
-class GuardedDataset(Dataset):
-    """Wraps upstream's LazySupervisedDataset (attributes such as ``lengths``, ``modality_lengths``,
-    ``list_data_dict``, ``data_args`` are the wrapped dataset's): a sample that fails to load raises
-    ``DataCheckError`` naming it (policy error) or is replaced by the next loadable record (skip)."""
-
-    def __init__(self, dataset: Any, policy: str = "error", *, max_failures: Optional[int] = None,
-                 log_path: Optional[str] = None):
-        self.dataset = dataset
-        self.policy = policy
-        self.max_failures = int(0.01 * len(dataset)) + 10 if max_failures is None else int(max_failures)
-        self.log_path = log_path
-        self._skips = _Counter()
-        self._failed: set = set()  # indices known bad in this process
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("dataset", "_skips", "_failed"):
-            raise AttributeError(name)
-        inner = self.__dict__.get("dataset")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    @property
-    def list_data_dict(self):
-        return self.dataset.list_data_dict
-
-    @list_data_dict.setter
-    def list_data_dict(self, value):
-        self.dataset.list_data_dict = value
-
-    @property
-    def runtime_skips(self) -> int:
-        """Samples that failed to load during training and were replaced (all worker processes)."""
-        return self._skips.value
-
-    def _describe(self, i: int) -> Dict[str, Any]:
-        rec: Any = None
-        try:
-            rec = self.dataset.list_data_dict[i]
-        except Exception:
-            pass
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        image = rec.get("image") if isinstance(rec, dict) else None
-        path = None
-        if isinstance(image, str):
-            folder = getattr(getattr(self.dataset, "data_args", None), "image_folder", None)
-            path = os.path.join(folder, image) if folder else image
-        return {"index": i, "id": rid, "image": image, "path": path}
-
-    def __getitem__(self, i):
-        if not isinstance(i, int):
-            return self.dataset[i]
-        n = len(self.dataset)
-        j = i
-        failures = []
-        for _ in range(min(n, self.max_failures + 1)):
-            if j not in self._failed:
-                try:
-                    sample = self.dataset[j]
-                except Exception as exc:
-                    failures.append(self._failed_at(j, exc, requested=i))
-                else:
-                    if failures and self.policy != "skip":
-                        # policy error: the trainer stops all ranks together at this step (after a
-                        # resumable checkpoint) instead of one rank dying inside its DataLoader
-                        sample = dict(sample)
-                        sample[BAD_RECORD_KEY] = "; ".join(failures)
-                    return sample
-            j = (j + 1) % n
-        raise DataCheckError(f"no loadable record found from index {i} on (tried {min(n, self.max_failures + 1)} "
-                             f"records); the corpus changed under the run: re-run the data check")
-
-    def _failed_at(self, j: int, exc: Exception, requested: int) -> str:
-        """Log and remember a record that failed to load; returns its description."""
-        if isinstance(exc, DataCheckError):
-            raise exc
-        reason, detail = classify_exception(exc)
-        d = self._describe(j)
-        where = f"record #{j} id={d['id']!r} image {d['path']!r}"
-        if self.policy != "skip":
-            self._failed.add(j)
-            return f"{where}: {reason} ({detail})"
-        self._failed.add(j)
-        count = self._skips.add(1)
-        logger.warning("data: %s failed to load during training: %s (%s); using the next record instead "
-                       "[%d runtime skips, limit %d]", where, reason, detail, count, self.max_failures)
-        if self.log_path:
-            line = json.dumps({"index": j, "id": d["id"], "image": d["image"], "reason": reason, "detail": detail,
-                               "requested_index": requested}, default=str)
-            try:
-                with open(self.log_path, "a", encoding="utf-8") as f:
-                    f.write(line + "\n")
-            except OSError:
-                pass
-        if count > self.max_failures:
-            raise DataCheckError(
-                f"{count} records failed to load during training, more than the limit of {self.max_failures} "
-                f"(1% of {len(self.dataset)} + 10): the corpus changed under the run (last: {where}: {reason}). "
-                f"Re-run the data check (--data_check full) and fix the files") from exc
-        return f"{where}: {reason} ({detail})"

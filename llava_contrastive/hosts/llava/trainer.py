@@ -29,15 +29,13 @@ from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_he
 from . import checkpoint as ckpt
 from .compat import LLaVATrainer
 from ...faults import fault_step
-from .data import BAD_RECORDS_KEY
+from ...data_guard import BAD_RECORDS_KEY
+from ...nonfinite import (NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,  # noqa: F401
+                          zero_loss)
 from .model import ContrastiveCausalLMOutput
 
 logger = logging.getLogger("llava_contrastive")
 _STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class ClampLogitScale(TrainerCallback):
@@ -97,45 +95,22 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         loss or logit scale; stop on a record that went bad during training (--data_check_policy
         error). All ranks agree through one all-reduce, so none is left waiting in a collective."""
         scale = getattr(outputs, "logit_scale", None)
-        nonfinite = ~torch.isfinite(loss.detach().float())
-        if scale is not None:
-            nonfinite = nonfinite | ~torch.isfinite(scale.float())
         rows = getattr(outputs, "contrastive_rows", None)
-        flags = torch.stack([nonfinite.float().reshape(()),
-                             torch.tensor(float(len(bad_records)), device=nonfinite.device),
-                             (rows if rows is not None else torch.zeros(())).to(nonfinite.device).float()])
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            dist.all_reduce(flags)  # sums: any non-finite, any bad record, global contrastive pairs
-        nonfinite_any, bad_any = bool(flags[0].item()), bool(flags[1].item())
+        verdict = agree_on_step(loss, scale, len(bad_records), rows)  # the decision logic: core nonfinite.py
         if rows is not None:
-            pairs = float(flags[2]) if (distributed and self.contrastive_args.contrastive_gather) else float(rows)
+            pairs = verdict.global_rows if (verdict.distributed and self.contrastive_args.contrastive_gather) \
+                else float(rows)
             self._count_skipped_term(pairs)
-        if bad_any:
-            from ...data_check import DataCheckError
-
-            where = "; ".join(bad_records) if bad_records else "on another rank (see its log)"
-            raise DataCheckError(f"a training record became unreadable at optimizer step {self.state.global_step + 1}: "
-                                 f"{where}. --data_check_policy error stops here (a resumable checkpoint is saved); "
-                                 "fix or remove the record, or use --data_check_policy skip, then re-run the command.")
-        if not nonfinite_any:
-            return loss
-        self._nonfinite_count = getattr(self, "_nonfinite_count", 0) + 1
         step = self.state.global_step + 1
-        detail = ", ".join(f"{k}={float(v):.6g}" for k, v in (
-            ("loss", loss.detach()), ("ntp_loss", getattr(outputs, "ntp_loss", None)),
-            ("contrastive_loss", getattr(outputs, "contrastive_loss", None)), ("logit_scale", scale)) if v is not None)
-        budget = int(getattr(self.args, "nonfinite_max_skips", 0))
-        if self._nonfinite_count > budget:
-            raise NonFiniteLossError(
-                f"non-finite loss at optimizer step {step} (on at least one rank; this rank: {detail}); "
-                f"{self._nonfinite_count} so far, --nonfinite_max_skips {budget}. Nothing of this step was "
-                f"saved: the last checkpoint in {self.args.output_dir} is intact. Lower --learning_rate or "
-                f"--contrastive_max_logit_scale, check the data, then re-run the command to resume.")
-        logger.warning("non-finite loss at step %d (%s): zero gradient for this micro-batch [%d/%d]",
-                       step, detail, self._nonfinite_count, budget)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return sum(p.sum() for p in trainable) * 0.0
+        raise_bad_records(verdict, step, bad_records)
+        guard = getattr(self, "_nonfinite_guard", None)
+        if guard is None:
+            guard = self._nonfinite_guard = NonFiniteGuard(int(getattr(self.args, "nonfinite_max_skips", 0)))
+        values = {"loss": loss.detach(), "ntp_loss": getattr(outputs, "ntp_loss", None),
+                  "contrastive_loss": getattr(outputs, "contrastive_loss", None), "logit_scale": scale}
+        if not guard.check(verdict, step, values, self.args.output_dir):
+            return loss
+        return zero_loss(model.parameters())
 
     def _count_skipped_term(self, pairs: float) -> None:
         """A micro-batch whose global batch holds fewer than 2 image-caption pairs has no negatives:
