@@ -229,3 +229,27 @@ def test_image_position_mask_matches_upstream_splice(tiny_assets, upstream, batc
                                new_mask, "right")
     for b in range(embeds.shape[0]):
         torch.testing.assert_close(embeds[b][mask[b]], features[int(index[b])])
+
+
+def test_float32_tower_has_the_checkpoint_weights_after_upstreams_cast(tiny_assets, tmp_path):
+    """Upstream's train() casts the tower to fp16 before the trainer exists; --vision_tower_dtype
+    float32 (auto on CPU) must give the checkpoint's float32 weights back, not fp16-rounded ones."""
+    from transformers import CLIPVisionModel
+
+    from llava_contrastive.hosts.llava.image_features import build_upstream_model
+    from llava_contrastive.hosts.llava.trainer import _set_vision_tower_dtype
+
+    projector = tmp_path / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{i}.{p}": torch.zeros((64, 64) if p == "weight" else (64,))
+                for i in (0, 2) for p in ("weight", "bias")}, projector)
+    model = build_upstream_model(str(tiny_assets.llm_dir), str(tiny_assets.vision_dir), str(projector))
+    tower = model.get_vision_tower()
+    tower.to(dtype=torch.float16)  # what upstream's train() does
+    _set_vision_tower_dtype(model, SimpleNamespace(vision_tower_dtype="float32", bf16=False))
+    reference = CLIPVisionModel.from_pretrained(str(tiny_assets.vision_dir)).state_dict()
+    got = tower.vision_tower.state_dict()
+    assert tower.dtype == torch.float32
+    assert all(torch.equal(got[k], v) for k, v in reference.items())
+    # fp16 stays upstream's numerics: no reload when narrowing
+    _set_vision_tower_dtype(model, SimpleNamespace(vision_tower_dtype="float16", bf16=False))
+    assert tower.dtype == torch.float16

@@ -335,7 +335,24 @@ def _set_vision_tower_dtype(model, args) -> None:
     dtype = vision_tower_dtype(choice, bf16=bool(getattr(args, "bf16", False)), cuda=torch.cuda.is_available())
     if tower.dtype != dtype:
         logger.info("vision tower: %s -> %s (--vision_tower_dtype %s)", tower.dtype, dtype, choice)
+        widening = torch.finfo(dtype).bits > torch.finfo(tower.dtype).bits
         tower.to(dtype=dtype)
+        if widening:
+            _reload_tower_weights(tower, dtype)
+
+
+def _reload_tower_weights(tower, dtype: torch.dtype) -> None:
+    """After a widening cast the tower has the dtype but still the values upstream's fp16/bf16 cast
+    rounded: read the weights again from the tower's checkpoint (frozen, so they equal it)."""
+    module = getattr(tower, "vision_tower", None)
+    name = getattr(tower, "vision_tower_name", None)
+    if module is None or name is None:
+        return
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        logger.warning("vision tower: partitioned by ZeRO-3, weights keep upstream's %s rounding", tower.dtype)
+        return
+    fresh = type(module).from_pretrained(name, torch_dtype=dtype)
+    module.load_state_dict(fresh.state_dict())
 
 
 def _require_plain_template() -> None:
