@@ -101,3 +101,21 @@ def test_saved_checkpoint_loads_offline_and_generates(tiny_assets, native_dir):
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == model.config.image_seq_length == 16
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_fresh_projector_starts_like_upstream_and_follows_the_seed(tiny_assets):
+    """Without a projector the native build starts it as upstream's stage 1 does (nn.Linear's
+    kaiming-uniform weights and uniform biases, not transformers' normal(0, 0.02) with zero biases),
+    from the given seed."""
+    import math
+
+    from llava_contrastive.hosts.hf.convert import build_native_llava
+
+    a, _ = build_native_llava(tiny_assets.llm_dir, tiny_assets.vision_dir, seed=1)
+    b, _ = build_native_llava(tiny_assets.llm_dir, tiny_assets.vision_dir, seed=1)
+    c, _ = build_native_llava(tiny_assets.llm_dir, tiny_assets.vision_dir, seed=2)
+    la, lb, lc = (m.model.multi_modal_projector.linear_1 for m in (a, b, c))
+    assert torch.equal(la.weight, lb.weight) and not torch.equal(la.weight, lc.weight)
+    bound = 1 / math.sqrt(la.in_features)  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert float(la.weight.abs().max()) <= bound and float(la.weight.std()) > 0.8 * bound / math.sqrt(3)
+    assert float(la.bias.abs().max()) > 0  # uniform biases, not zeros

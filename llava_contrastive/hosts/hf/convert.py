@@ -129,11 +129,12 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision_feature_layer: int = -2,
-                       dtype: torch.dtype = torch.float32, model_class=None):
+                       dtype: torch.dtype = torch.float32, model_class=None, seed: int = 0):
     """Assemble ``LlavaForConditionalGeneration`` from a Llama causal LM and a CLIP vision tower.
 
-    ``projector``: None (fresh init), a path to ``mm_projector.bin`` / safetensors, or an upstream
-    or native projector state dict. Returns (model, processor); with ``out_dir`` both are saved
+    ``projector``: None (fresh init, from ``seed``, with ``nn.Linear``'s default init as upstream's
+    ``build_vision_projector`` gets, not transformers' normal(0, 0.02)), a path to
+    ``mm_projector.bin`` / safetensors, or an upstream or native projector state dict. Returns (model, processor); with ``out_dir`` both are saved
     (``save_pretrained``) so ``from_pretrained`` + ``AutoProcessor.from_pretrained`` load them offline.
     """
     from transformers import AutoConfig, CLIPVisionModel, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
@@ -172,6 +173,8 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
         model.resize_token_embeddings(vocab, mean_resizing=True)
     if projector is not None:
         load_projector(model, projector)
+    else:
+        init_projector_like_upstream(model, seed)
     model.to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -182,6 +185,15 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
         model.save_pretrained(str(out_dir))
         processor.save_pretrained(str(out_dir))
     return model, processor
+
+
+def init_projector_like_upstream(model, seed: int) -> None:
+    """Re-initialise the projector's linear layers as upstream's stage 1 starts them (``nn.Linear``
+    defaults: kaiming-uniform weights, uniform biases), from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            layer.reset_parameters()
 
 
 def load_projector(model, projector) -> None:
@@ -214,6 +226,7 @@ def main(argv=None) -> int:
     c.add_argument("--llm", required=True); c.add_argument("--vision", required=True)
     c.add_argument("--out", required=True); c.add_argument("--projector", default=None)
     c.add_argument("--vision_feature_layer", type=int, default=-2)
+    c.add_argument("--seed", type=int, default=0, help="fresh projector init (without --projector)")
     args = parser.parse_args(argv)
     if args.cmd == "to-native":
         save_state(upstream_to_native(load_state(args.src)), args.dst)
@@ -229,7 +242,7 @@ def main(argv=None) -> int:
         save_state(native_to_upstream(state), args.dst)
     else:
         build_native_llava(args.llm, args.vision, args.out, projector=args.projector,
-                           vision_feature_layer=args.vision_feature_layer)
+                           vision_feature_layer=args.vision_feature_layer, seed=args.seed)
     print(f"wrote {getattr(args, 'dst', None) or args.out}", file=sys.stderr)
     return 0
 

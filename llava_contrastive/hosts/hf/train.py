@@ -351,7 +351,8 @@ def main(argv=None) -> Trainer:
                              "--model_name_or_path")
         model, processor = convert.build_native_llava(
             margs.llm_dir, margs.vision_dir, None, projector=margs.pretrain_mm_mlp_adapter,
-            vision_feature_layer=margs.vision_feature_layer, model_class=ContrastiveLlavaForConditionalGeneration)
+            vision_feature_layer=margs.vision_feature_layer, model_class=ContrastiveLlavaForConditionalGeneration,
+            seed=targs.seed)
     else:
         raise ValueError("give --model_name_or_path, or --llm_dir and --vision_dir")
     model.config.use_cache = False
