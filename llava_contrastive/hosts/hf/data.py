@@ -64,6 +64,11 @@ class PretrainDataset(Dataset):
 
 
 class Collator:
+    """Right-pads ``input_ids`` / ``labels`` / ``attention_mask``; ``pixel_values`` holds the images
+    of the rows that have one, in row order (the native model scatters image features into the image
+    tokens in order), and is absent when no row has an image. Stage 1 (every row has an image) and
+    stage 2 (text-only rows allowed, ``instruct_data.py``) share it."""
+
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
@@ -75,5 +80,8 @@ class Collator:
         for r, x in enumerate(items):
             k = len(x["input_ids"])
             ids[r, :k], labels[r, :k], attention[r, :k] = x["input_ids"], x["labels"], 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": attention,
-                "pixel_values": torch.stack([x["pixel_values"] for x in items])}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
+        images = [x["pixel_values"] for x in items if "pixel_values" in x]
+        if images:
+            batch["pixel_values"] = torch.stack(images)
+        return batch

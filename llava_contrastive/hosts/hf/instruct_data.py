@@ -35,7 +35,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX, Collator
+
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_V1 = ("A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -306,27 +307,7 @@ class InstructDataset(Dataset):
         return item
 
 
-class InstructCollator:
-    """Right-pads; ``pixel_values`` holds the images of the rows that have one, in row order (the
-    native model scatters image features into the image tokens in order), and is absent when no
-    row of the batch has an image."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-        n = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), n), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(items), n), dtype=torch.long)
-        for r, x in enumerate(items):
-            k = len(x["input_ids"])
-            ids[r, :k], labels[r, :k], attention[r, :k] = x["input_ids"], x["labels"], 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": attention}
-        images = [x["pixel_values"] for x in items if "pixel_values" in x]
-        if images:
-            batch["pixel_values"] = torch.stack(images)
-        return batch
+InstructCollator = Collator  # the stage-1 collator handles rows without an image
 
 
 def split_records(records: list, eval_size: float, seed: int) -> Tuple[list, list]:
