@@ -256,10 +256,14 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
         with _deepspeed_nonstrict_module_load(self._stage1):
             try:
                 return super().train(*args, **kwargs)
-            except DataCheckError:
-                # every rank raised at the same step (_guard_finite): save collectively, then stop
-                logger.error("saving a resumable checkpoint at step %d before stopping", self.state.global_step)
-                self._save_checkpoint(self.model, trial=None)
+            except DataCheckError as err:
+                # agreed: every rank raised at the same step (the per-step all-reduce), so all can save
+                # collectively. An error of one rank only (e.g. the runtime-skip limit under skip) must
+                # not enter a collective save the other ranks never reach: that rank stops and the
+                # launcher ends the others; the last complete checkpoint is the resume point.
+                if getattr(err, "agreed", False) or self.args.world_size == 1:
+                    logger.error("saving a resumable checkpoint at step %d before stopping", self.state.global_step)
+                    self._save_checkpoint(self.model, trial=None)
                 raise
 
     def _remove_stale_staging(self) -> None:
