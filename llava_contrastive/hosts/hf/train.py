@@ -68,6 +68,7 @@ from ...faults import fault_step
 from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
 from ...nonfinite import (NonFiniteArguments, NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,
                           zero_loss)
+from ...train_logs import JointLossStats, joint_loss_means
 from . import checkpoint as ckpt
 from . import convert
 from .data import Collator, PretrainDataset
@@ -75,7 +76,6 @@ from .launch import init_distributed_for_deepspeed, with_cpu_flag
 from .model import ContrastiveLlavaForConditionalGeneration, ContrastiveLlavaOutput
 
 logger = logging.getLogger("llava_contrastive")
-_STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
 
 
 @dataclass
@@ -115,7 +115,7 @@ class ContrastiveHFTrainer(Trainer):
         # mean on every rank). Per-rank means averaged over ranks instead, as upstream's trainer does.
         self.model_accepts_loss_kwargs = False
         self._contrastive_model = find_contrastive_model(self.model) if contrastive_args.enabled else None
-        self._stats: Dict[str, torch.Tensor] = {}
+        self._stats = JointLossStats()
         if self._contrastive_model is not None:
             self.add_callback(ClampLogitScale())
 
@@ -136,16 +136,7 @@ class ContrastiveHFTrainer(Trainer):
                 loss = loss * float("nan")  # test hook (llava_contrastive/faults.py)
             loss = self._guard_step(model, loss, outputs, bad_records)
         if model.training and isinstance(outputs, ContrastiveLlavaOutput) and outputs.contrastive_loss is not None:
-            rows = outputs.contrastive_rows
-            acc_rows = rows if outputs.i2t_accuracy is not None else torch.zeros_like(rows)
-            zero = torch.zeros_like(rows)
-            values = {"ntp_loss": outputs.ntp_loss.float(), "contrastive_loss": outputs.contrastive_loss.float(),
-                      "steps": torch.ones_like(rows), "rows": rows,
-                      "i2t_hits": (outputs.i2t_accuracy if outputs.i2t_accuracy is not None else zero) * acc_rows,
-                      "t2i_hits": (outputs.t2i_accuracy if outputs.t2i_accuracy is not None else zero) * acc_rows,
-                      "acc_rows": acc_rows}
-            for k, v in values.items():
-                self._stats[k] = self._stats.get(k, 0) + v.detach().float()
+            self._stats.add(outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _guard_step(self, model, loss, outputs, bad_records):
@@ -171,27 +162,15 @@ class ContrastiveHFTrainer(Trainer):
     def _pop_logs(self):
         """Means since the last log, summed over ranks (every rank logs at the same step), and the
         reliability counters (records replaced during training on all ranks, skipped non-finite steps)."""
-        device = self.args.device
         runtime_skips = float(getattr(self.train_dataset, "runtime_skips", 0) or 0)
-        vec = torch.stack([torch.as_tensor(self._stats.get(k, 0.0), dtype=torch.float32, device=device)
-                           for k in _STAT_KEYS] + [torch.tensor(runtime_skips, dtype=torch.float32, device=device)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vec)
-        self._stats = {}
-        s = dict(zip(_STAT_KEYS + ("runtime_skips",), vec.tolist()))
+        s = self._stats.pop(self.args.device, extra={"runtime_skips": runtime_skips})
         out = {}
         if s["runtime_skips"]:
             out["runtime_skipped_records"] = int(s["runtime_skips"])
         if self.nonfinite_guard.count:
             out["nonfinite_skipped_total"] = self.nonfinite_guard.count
-        if s["steps"] == 0 or self._contrastive_model is None:
-            return out
-        out.update({"ntp_loss": round(s["ntp_loss"] / s["steps"], 6),
-                    "contrastive_loss": round(s["contrastive_loss"] / s["steps"], 6),
-                    "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4)})
-        if s["acc_rows"] > 0:
-            out["i2t_acc"] = round(s["i2t_hits"] / s["acc_rows"], 4)
-            out["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
+        if self._contrastive_model is not None:
+            out.update(joint_loss_means(s, self._contrastive_model.contrastive_head))
         return out
 
     # ---- saving: stage-1 checkpoints -----------------------------------------------------------

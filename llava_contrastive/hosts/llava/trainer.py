@@ -32,10 +32,10 @@ from ...faults import fault_step
 from ...data_guard import BAD_RECORDS_KEY
 from ...nonfinite import (NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,  # noqa: F401
                           zero_loss)
+from ...train_logs import JointLossStats, joint_loss_means
 from .model import ContrastiveCausalLMOutput
 
 logger = logging.getLogger("llava_contrastive")
-_STAT_KEYS = ("ntp_loss", "contrastive_loss", "steps", "rows", "i2t_hits", "t2i_hits", "acc_rows")
 
 
 class ClampLogitScale(TrainerCallback):
@@ -59,7 +59,7 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
             target.init_contrastive(self.contrastive_args, tokenizer)
         super().__init__(model=model, args=args, tokenizer=tokenizer, **kwargs)
         self._contrastive_model = target if self.contrastive_args.enabled else None
-        self._stats: Dict[str, torch.Tensor] = {}
+        self._stats = JointLossStats()
         if self._contrastive_model is not None:
             self.add_callback(ClampLogitScale())
             cargs = self.contrastive_args
@@ -87,7 +87,7 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
                 loss = loss * float("nan")
             loss = self._guard_finite(model, loss, outputs, bad_records)
             if isinstance(outputs, ContrastiveCausalLMOutput):
-                self._accumulate(outputs)
+                self._stats.add(outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _guard_finite(self, model, loss, outputs, bad_records=()):
@@ -124,20 +124,6 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
                            "negatives (%d such micro-batches so far)", self.state.global_step + 1, int(pairs),
                            self._skipped_terms)
 
-    def _accumulate(self, out: ContrastiveCausalLMOutput) -> None:
-        rows = out.contrastive_rows
-        acc_rows = rows if out.i2t_accuracy is not None else torch.zeros_like(rows)
-        values = {
-            "ntp_loss": out.ntp_loss.float(), "contrastive_loss": out.contrastive_loss.float(),
-            "steps": torch.ones_like(rows), "rows": rows,
-            "i2t_hits": (out.i2t_accuracy if out.i2t_accuracy is not None else torch.zeros_like(rows)) * acc_rows,
-            "t2i_hits": (out.t2i_accuracy if out.t2i_accuracy is not None else torch.zeros_like(rows)) * acc_rows,
-            "acc_rows": acc_rows,
-        }
-        for k, v in values.items():
-            self._stats[k] = self._stats.get(k, 0) + v.detach().float()
-        self._stats_scale = out.logit_scale
-
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._contrastive_model is not None:
             logs.update(self._pop_contrastive_logs())
@@ -145,32 +131,16 @@ class ContrastiveLLaVATrainer(LLaVATrainer):
 
     def _pop_contrastive_logs(self) -> Dict[str, float]:
         """Means since the last log, summed over ranks (every rank logs at the same step)."""
-        device = self.args.device
-        vec = torch.stack([torch.as_tensor(self._stats.get(k, 0.0), dtype=torch.float32, device=device)
-                           for k in _STAT_KEYS])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vec)
-            world = dist.get_world_size()
-        else:
-            world = 1
-        self._stats = {}
-        s = dict(zip(_STAT_KEYS, vec.tolist()))
-        if s["steps"] == 0:
+        s = self._stats.pop(self.args.device)
+        head = self._contrastive_model.contrastive_head
+        logs = joint_loss_means(s, head)
+        if not logs:
             return {}
         rows_per_step = s["rows"] / s["steps"]  # per rank and micro-batch
-        global_rows = rows_per_step * (world if self.contrastive_args.contrastive_gather else 1)
-        queue = self._contrastive_model.contrastive_head.queue
-        logs = {
-            "ntp_loss": round(s["ntp_loss"] / s["steps"], 6),
-            "contrastive_loss": round(s["contrastive_loss"] / s["steps"], 6),
-            "logit_scale": round(float(self._contrastive_model.contrastive_head.logit_scale().detach()), 4),
-            "negatives": round(max(global_rows - 1, 0) + (int(queue.filled) if queue is not None else 0), 2),
-        }
+        global_rows = rows_per_step * (s["world"] if self.contrastive_args.contrastive_gather else 1)
+        logs["negatives"] = round(max(global_rows - 1, 0) + (int(head.queue.filled) if head.queue is not None else 0), 2)
         if getattr(self, "_skipped_terms", 0):
             logs["contrastive_skipped_total"] = self._skipped_terms
-        if s["acc_rows"] > 0:
-            logs["i2t_acc"] = round(s["i2t_hits"] / s["acc_rows"], 4)
-            logs["t2i_acc"] = round(s["t2i_hits"] / s["acc_rows"], 4)
         return logs
 
     # ---- saving -----------------------------------------------------------------------------
