@@ -12,27 +12,22 @@ from ``llava_contrastive.eval``; only the model and the data are native here::
     python -m llava_contrastive.hosts.hf.eval --llm_dir LLM --vision_dir CLIP --projector run_dir ...
 
 The pair embeddings are those the contrastive term scores (``embed_pairs``): the ``--contrastive_*``
-flags, defaulting to the run's ``contrastive_config.json`` (else the ``contrastive`` entry of a native
-checkpoint's ``config.json``), else the defaults. The trained head (``contrastive_head.safetensors``;
-older native runs: ``contrastive_head.bin``, or the head inside the native checkpoint) is loaded when
-its shape fits those settings. Everything runs in float32.
+flags, defaulting to the run's ``contrastive_config.json``, else the defaults. The trained head
+(``contrastive_head.safetensors``) is loaded when its shape fits those settings, with the code the
+upstream host's evaluation uses. Everything runs in float32.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ... import eval as ev
-from ...config import ContrastiveArguments
+from ...checkpointing import load_head
 
-LEGACY_HEAD_FILE = "contrastive_head.bin"  # hosts.hf.train before the upstream-format head files
 HEAD_PREFIX = "contrastive_head."  # the head's weights inside a native checkpoint
-_HEAD_SHAPE_KEYS = ("contrastive_loss", "contrastive_head", "contrastive_head_dim")
 
 
 # ---- projector and settings files ----------------------------------------------------------------
@@ -82,23 +77,6 @@ def projector_state(source: Path) -> Dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"{source}: not a readable projector file ({err})") from err
     return {k: v for k, v in state.items() if "mm_projector." in k or "multi_modal_projector." in k}
-
-
-def saved_native_settings(head: Optional[str], run_dir: Optional[Path]) -> tuple[Dict[str, Any], Optional[Path]]:
-    """(settings, directory) from the ``contrastive`` entry of a native checkpoint's config.json
-    (hosts.hf.train writes it) in ``--head`` or the run directory, when that directory has no
-    ``contrastive_config.json`` (read by the shared code); ({}, None) otherwise."""
-    fields = {f.name for f in dataclasses.fields(ContrastiveArguments)}
-    for d in ([Path(head)] if head else []) + ([run_dir] if run_dir is not None else []):
-        if (d / ev.HEAD_CONFIG_FILE).is_file():
-            return {}, None
-        try:
-            saved = json.loads((d / "config.json").read_text()).get("contrastive")
-        except (OSError, ValueError):
-            continue
-        if isinstance(saved, dict):
-            return {k: v for k, v in saved.items() if k in fields}, d
-    return {}, None
 
 
 # ---- model and data ------------------------------------------------------------------------------
@@ -164,39 +142,6 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
     return model, processor
 
 
-def head_file_state(path: Path) -> Dict[str, Any]:
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def native_head_state(directory: Path) -> tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """An older native run's head: ``contrastive_head.bin``, else the ``contrastive_head.*`` weights
-    of its native checkpoint. (None, None) when neither exists."""
-    if (directory / LEGACY_HEAD_FILE).is_file():
-        return head_file_state(directory / LEGACY_HEAD_FILE), str(directory / LEGACY_HEAD_FILE)
-    from safetensors import safe_open
-
-    state = {}
-    for f in _native_weight_files(directory):
-        with safe_open(str(f), framework="pt") as fh:
-            state.update({k[len(HEAD_PREFIX):]: fh.get_tensor(k) for k in fh.keys() if k.startswith(HEAD_PREFIX)})
-    return (state, str(directory)) if state else (None, None)
-
-
-def load_head_state(model, state: Dict[str, Any], where: str) -> None:
-    """Strict load into ``model.contrastive_head`` (the text queue, training only, is left out)."""
-    state = {k: v for k, v in state.items() if not k.startswith("queue.")}
-    try:
-        model.contrastive_head.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{where}: the contrastive head does not fit the evaluated settings ({err})") from err
-
-
 def build_data(data_path: str, image_folder: str, processor, image_seq_length: int, max_length: int,
                max_samples: Optional[int]):
     from .data import Collator, PretrainDataset
@@ -228,19 +173,13 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
         projector_source, run_dir = None, Path(model_name_or_path)
     else:
         raise ValueError("--llm_dir/--vision_dir build a fresh projector: pass --projector")
-    legacy, legacy_dir = saved_native_settings(head, run_dir)
-    cargs, head_dir = ev.settings_and_head(run_dir, head, {**legacy, **(contrastive or {})})
+    cargs, head_dir = ev.settings_and_head(run_dir, head, contrastive)
     model, processor = build_model(model_name_or_path, llm_dir, vision_dir, projector_source, vision_feature_layer)
     model.init_contrastive(cargs, processor.tokenizer)
     head_loaded = None
     if head_dir is not None and (head_dir / ev.HEAD_FILE).is_file():  # shape checked by settings_and_head
-        load_head_state(model, head_file_state(head_dir / ev.HEAD_FILE), str(head_dir / ev.HEAD_FILE))
+        load_head(model, str(head_dir), for_evaluation=True)
         head_loaded = str(head_dir / ev.HEAD_FILE)
-    elif legacy_dir is not None and all(legacy.get(k) == getattr(cargs, k) for k in _HEAD_SHAPE_KEYS):
-        state, where = native_head_state(legacy_dir)
-        if state is not None:
-            load_head_state(model, state, where)
-            head_loaded = where
     if head_loaded is None and cargs.contrastive_head != "none":
         raise FileNotFoundError(f"--contrastive_head {cargs.contrastive_head} needs the trained head "
                                 f"({ev.HEAD_FILE}): pass --head DIR")
@@ -256,8 +195,6 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
     settings = {"mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": model.config.vision_feature_layer,
                 "batch_size": batch_size, "max_samples": max_samples, "model_max_length": model_max_length,
                 "host": "hf", "vocab_size": model.config.text_config.vocab_size}
-    if legacy:
-        settings["run_contrastive_weight"] = legacy.get("contrastive_weight")
     paths = {"model_name_or_path": str(model_name_or_path or llm_dir),
              "vision_tower": str(vision_dir or model_name_or_path),
              "projector": str(projector_source or model_name_or_path), "head": head_loaded,
