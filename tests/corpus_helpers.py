@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 from PIL import Image
@@ -20,3 +21,13 @@ def noise_jpeg(size=160, seed=0) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=95)
     return buf.getvalue()
+
+
+def write_corpus(path, good: list, bad: dict, every: int) -> dict:
+    """Write ``good`` records with the ``bad`` ones ({key: (record, expected reason)}) interleaved,
+    one after every ``every`` good records, as JSON to ``path``; return {key: expected reason}."""
+    out = list(good)
+    for k, (rec, _) in enumerate(bad.values()):
+        out.insert(every * k + 1, rec)
+    path.write_text(json.dumps(out))
+    return {k: reason for k, (_, reason) in bad.items()}

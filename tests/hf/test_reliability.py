@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpus_helpers import noise_jpeg, record
+from corpus_helpers import noise_jpeg, record, write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = "llava_contrastive.hosts.hf.train"
@@ -161,12 +161,8 @@ def bad_corpus(root: Path, assets):
         "malformed": ({"id": "malformed", "image": img, "conversations": [{"from": "human", "value": "<image>"}]},
                       "malformed_record"),
     }
-    out = list(records)
-    for k, (rec, _) in enumerate(bad.values()):
-        out.insert(3 * k + 1, rec)
     data = root / "data.json"
-    data.write_text(json.dumps(out))
-    return data, folder, {k: reason for k, (_, reason) in bad.items()}
+    return data, folder, write_corpus(data, records, bad, every=3)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from corpus_helpers import noise_jpeg, record
+from corpus_helpers import noise_jpeg, record, write_corpus
 
 from . import runs
 
@@ -67,13 +67,8 @@ def bad_stage1_corpus(root: Path, assets) -> tuple[Path, Path, dict]:
         src[3]["id"]: (_rec(src[3]["id"], img), "duplicate_id"),
         "escape": (_rec("escape", "../escape.jpg"), "path_escapes_folder"),
     }
-    # interleave the bad records with the good ones
-    out = list(records)
-    for k, (rec, _) in enumerate(bad.values()):
-        out.insert(2 * k + 1, rec)
     data = root / "data.json"
-    data.write_text(json.dumps(out))
-    return data, folder, {k: reason for k, (_, reason) in bad.items()}
+    return data, folder, write_corpus(data, records, bad, every=2)
 
 
 # ----------------------------------------------------------------------------- in process (fast)
