@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from corpus_helpers import noise_jpeg, record, write_corpus
+from host.runs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = "llava_contrastive.hosts.hf.train"
@@ -75,10 +75,6 @@ sys.exit(train.cli())
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def args_for(native_dir, data, folder, out, *extra, steps=None):

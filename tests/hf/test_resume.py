@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from host.runs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = "llava_contrastive.hosts.hf.train"
@@ -31,10 +32,6 @@ pytestmark = pytest.mark.slow
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(tiny_assets, native_dir, out, *, steps=12, save=4, batch=8, extra=()):

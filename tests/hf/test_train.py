@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from host.runs import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -26,7 +28,7 @@ def mean(xs):
 
 
 def test_stage1_one_process_both_losses_fall(tiny_assets, tmp_path):
-    from llava_contrastive.hosts.hf import convert, train
+    from llava_contrastive.hosts.hf import train
 
     trainer = train.main(["--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir)]
                          + common_args(tiny_assets, tmp_path / "out"))
@@ -52,14 +54,6 @@ def test_stage1_one_process_both_losses_fall(tiny_assets, tmp_path):
     native = LlavaForConditionalGeneration.from_pretrained(str(out))
     AutoProcessor.from_pretrained(str(out))
     assert torch.equal(native.model.multi_modal_projector.linear_1.weight, up["model.mm_projector.0.weight"])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed
