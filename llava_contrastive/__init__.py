@@ -2,12 +2,14 @@
 
 The core (losses, metrics, pooling, distributed gather, temperature, queue) is pure torch.
 Host adapters live under ``llava_contrastive.hosts`` and import their VLM code base lazily.
-On import, one line on stderr names the host found (silence it with LLAVA_CONTRASTIVE_QUIET=1).
+Nothing is printed on import; ``llava-contrastive --version`` names the host packages found.
+
+Layout (imports point down only): ``core/`` pure-torch math; ``training/`` and ``data/`` host-agnostic
+run machinery; ``evaluation/`` host-agnostic reports and scoring; ``hosts/<name>/`` one folder per VLM
+code base (model, trainer, checkpoint, data, entry points) on top of ``hosts/common.py``; ``dev/``
+tiny assets, benchmarks, ablations; ``cli.py`` the one command line.
 """
 from __future__ import annotations
-
-import os
-import sys
 
 __version__ = "0.1.0"
 
@@ -46,7 +48,3 @@ def describe_host() -> str:
     llava = v.get("llava", "NOT FOUND")
     rest = ", ".join(f"{k} {v[k]}" for k in ("transformers", "torch", "deepspeed") if k in v)
     return f"llava_contrastive {__version__}: host llava {llava}; {rest}"
-
-
-if not os.environ.get("LLAVA_CONTRASTIVE_QUIET"):
-    print(describe_host(), file=sys.stderr)

@@ -1,21 +1,15 @@
-"""`train_mem`-style entry (as upstream's llava/train/train_mem.py): flash-attention 2."""
-from __future__ import annotations
+"""`deepspeed llava_contrastive/train_mem.py`: upstream-host training with flash-attention 2.
 
+Kept at this path for the documented commands; the code is in ``llava_contrastive.hosts.llava.train_mem``.
+"""
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a file (`deepspeed llava_contrastive/train.py ...`): the package
-    _here = os.path.dirname(os.path.abspath(__file__))  # dir must not shadow the stdlib (queue.py)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+if __package__ in (None, ""):  # run as a file (`deepspeed llava_contrastive/train_mem.py`): the package dir must
+    _here = os.path.dirname(os.path.abspath(__file__))  # not stand first on sys.path; its parent must
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-
-import importlib.util
-
-from llava_contrastive.train import main  # noqa: E402
+from llava_contrastive.hosts.llava.train_mem import main  # noqa: E402
 
 if __name__ == "__main__":
-    if importlib.util.find_spec("flash_attn") is None:
-        sys.exit("train_mem needs flash-attn (pip install flash-attn --no-build-isolation, on a CUDA machine); "
-                 "use `python -m llava_contrastive.train` without it")
-    main(attn_implementation="flash_attention_2")
+    sys.exit(main())

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training-step benchmark (llava_contrastive.bench) with the project environment; writes OUT/bench.json,
+# Training-step benchmark (llava-contrastive bench) with the project environment; writes OUT/bench.json,
 # OUT/bench.md (the tables of BENCHMARKS.md), OUT/bench.log, OUT/machine.txt; OUT defaults to /tmp/llava-contrastive-bench-out.
 # Environment (all optional):
 #   SHAPE=tiny|small|both (both)  ROUNDS (5)  WARMUP (1)  STEPS (1: steps per variant per round)
@@ -9,10 +9,10 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 tiny_assets
-export LLAVA_CONTRASTIVE_QUIET=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-${TMPDIR:-/tmp}/llava-contrastive-bench-out}"
 mkdir -p "$OUT"
-flags=(--shape "${SHAPE:-both}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-1}" --steps-per-round "${STEPS:-1}"
+flags=(--shape "${SHAPE:-both}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-1}" --steps_per_round "${STEPS:-1}"
        --batch "${BATCH:-8}" --variants "${VARIANTS:-a,b,c,d,e,f,g}" --threads "${THREADS:-1}"
        --json "$OUT/bench.json" --markdown "$OUT/bench.md")
 [[ "${MEMORY:-1}" == 1 ]] && flags+=(--memory)
@@ -21,5 +21,5 @@ flags=(--shape "${SHAPE:-both}" --rounds "${ROUNDS:-5}" --warmup "${WARMUP:-1}" 
 { echo "## Machine"; lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|L2|L3)'; uptime
   "$PY" -c "import torch; print('torch', torch.__version__, 'default threads', torch.get_num_threads())"; } > "$OUT/machine.txt"
 cd "$repo"
-"$PY" -m llava_contrastive.bench "${flags[@]}" "$@" | tee "$OUT/bench.log"
+"$PY" -m llava_contrastive bench "${flags[@]}" "$@" | tee "$OUT/bench.log"
 echo "bench: $OUT/bench.md $OUT/bench.json" >&2

@@ -11,7 +11,6 @@ cache="${LLAVA_CONTRASTIVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/llava-contrast
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export LLAVA_CONTRASTIVE_QUIET=1
 cd "$repo"
 "$py" -m pytest -ra --durations=15 "$@"
 status=$?

@@ -5,7 +5,6 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$repo/scripts/setup_env_hf.sh")"
 cd "$repo"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 LLAVA_CONTRASTIVE_QUIET=1
 target=(tests/hf)
 for a in "$@"; do [[ "$a" == tests/* ]] && target=(); done
 exec "$py" -m pytest "${target[@]}" -q -p no:cacheprovider "$@"

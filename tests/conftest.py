@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_assets():
-    """Tiny offline assets (built once, cached by STAMP.json) -> llava_contrastive.tiny.TinyAssets."""
-    from llava_contrastive.tiny import build_tiny_assets
+    """Tiny offline assets (built once, cached by STAMP.json) -> llava_contrastive.dev.tiny.TinyAssets."""
+    from llava_contrastive.dev.tiny import build_tiny_assets
 
     root = os.environ.get("LLAVA_CONTRASTIVE_TINY_DIR", str(REPO / "playground" / "tiny"))
     return build_tiny_assets(root)

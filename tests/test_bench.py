@@ -16,12 +16,12 @@ def test_bench_tiny_smoke(tiny_assets, tmp_path):
     md = tmp_path / "bench.md"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                LLAVA_CONTRASTIVE_QUIET="1", LLAVA_CONTRASTIVE_TINY_DIR=str(tiny_assets.root))
-    subprocess.run([sys.executable, "-m", "llava_contrastive.bench", "--shape", "tiny", "--rounds", "1",
-                    "--warmup", "0", "--steps-per-round", "1", "--json", str(out), "--markdown", str(md),
+    subprocess.run([sys.executable, "-m", "llava_contrastive.dev.bench", "--shape", "tiny", "--rounds", "1",
+                    "--warmup", "0", "--steps_per_round", "1", "--json", str(out), "--markdown", str(md),
                     "--cache", str(tmp_path / "cache")], check=True, env=env, cwd=REPO, timeout=120)
     result = json.loads(out.read_text())
     timing = result["shapes"]["tiny"]["timing"]
-    assert set(timing) == set("abcdefg")
+    assert set(timing) == {"a", "b", "c", "d", "dc", "e", "f", "g"}
     for name, v in timing.items():
         for clock in ("wall", "cpu"):
             r = v[clock]["ratio"]
@@ -29,3 +29,32 @@ def test_bench_tiny_smoke(tiny_assets, tmp_path):
             assert v[clock]["median_ms"] > 0
     assert timing["a"]["cpu"]["ratio"] == 1.0
     assert "| c |" in md.read_text()
+
+
+def test_counted_flops_b_equals_a_and_c_within_one_percent(tiny_assets, tmp_path, monkeypatch):
+    """Counted (FlopCounterMode) FLOPs of one training step, in-process on the tiny shape."""
+    import torch
+
+    from llava_contrastive.dev import bench
+
+    monkeypatch.setenv("LLAVA_CONTRASTIVE_TINY_DIR", str(tiny_assets.root))
+    torch.set_num_threads(1)
+    assets = bench.shape_assets("tiny", tmp_path / "cache", 32)
+    tok, ds, collate = bench.upstream_data(assets)
+    runners = bench.build_runners(["a", "b", "c", "dc"], assets, tok, text_cache_dir=tmp_path / "text_cache")
+    batches = bench.make_batches(ds, collate, 8, 1)
+    counted = bench.counted_cost(runners, batches)
+    flops = {n: v["flops"] for n, v in counted.items()}
+    # (b) is --contrastive_weight 0: the model's forward returns upstream's super().forward(...) before
+    # any plugin code runs, so the step executes exactly upstream's operations: equal counts, not close ones
+    assert flops["b"] == flops["a"] > 0
+    assert 1.0 < flops["c"] / flops["a"] <= 1.01
+    # (d) with a filled text cache: no text-only LLM pass left, so it costs what (c) costs (+-1% of (a))
+    assert abs(flops["dc"] - flops["c"]) <= 0.01 * flops["a"]
+    assert counted["b"]["flops_met"] and counted["c"]["flops_met"] and counted["dc"]["flops_met"]
+    # deterministic: the same count on a second call
+    assert bench.count_step_flops(runners["c"], batches[0]) == flops["c"]
+    assert bench.count_step_flops(runners["a"], batches[0]) == flops["a"]
+    # CPU: no allocator statistics, reported as such (None -> "n/a" in the markdown)
+    assert counted["a"]["peak_mb"] is None
+    assert "n/a" in bench.counted_markdown(counted)

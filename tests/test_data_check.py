@@ -1,4 +1,4 @@
-"""llava_contrastive.data_check on a small corpus seeded with every kind of bad record."""
+"""llava_contrastive.data.check on a small corpus seeded with every kind of bad record."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_contrastive import data_check as dc
-from llava_contrastive.data_check import check_records
+from llava_contrastive.data import check as dc
+from llava_contrastive.data.check import check_records
 
 from corpus_helpers import noise_jpeg, record
 
@@ -274,7 +274,7 @@ def test_cli_prints_report_and_exits_1_on_bad_records(corpus, tmp_path):
     data.write_text(json.dumps(records))
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                LLAVA_CONTRASTIVE_QUIET="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "llava_contrastive.data_check", "--data_path", str(data),
+    cmd = [sys.executable, "-m", "llava_contrastive.data.check", "--data_path", str(data),
            "--image_folder", str(folder), "--mode", "full", "--no_progress", "--json", str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1, proc.stderr

@@ -10,6 +10,7 @@ return the same quantities, made comparable as DDP would see them:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from datetime import timedelta
@@ -21,10 +22,28 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from llava_contrastive import losses  # noqa: E402
-from llava_contrastive.distributed import all_reduce_sum, gather_rows  # noqa: E402
-from llava_contrastive.losses import info_nce_loss, siglip_loss  # noqa: E402
-from llava_contrastive.queue import TextQueue, info_nce_loss_with_queue  # noqa: E402
+from llava_contrastive.core import losses  # noqa: E402
+from llava_contrastive.core.distributed import all_reduce_sum, gather_rows  # noqa: E402
+from llava_contrastive.core.losses import info_nce_loss, siglip_loss  # noqa: E402
+from llava_contrastive.core.text_queue import TextQueue, info_nce_loss_with_queue  # noqa: E402
+
+
+@contextlib.contextmanager
+def broken_image_gather(enabled: bool):
+    """The bug the distributed test must catch: image columns gathered without autograd."""
+    if not enabled:
+        yield
+        return
+    original = losses._gather_cols
+
+    def gather_without_image_grad(x, b, with_grad):
+        return original(x, b, with_grad=with_grad and x is not b.img)
+
+    losses._gather_cols = gather_without_image_grad
+    try:
+        yield
+    finally:
+        losses._gather_cols = original
 
 D_IN, D = 6, 4
 QUEUE_SIZE = 5
@@ -95,11 +114,8 @@ def compute(name: str, inp: dict, rows: slice) -> dict:
         q.enqueue_from_local(txt, keys)  # wraps around: 4 + n > 5
         out["queue_state"] = {k: v.clone() for k, v in q.state_dict().items()}
     else:
-        losses._BROKEN_IMAGE_GATHER_FOR_TESTS = bool(opt.get("broken"))
-        try:
+        with broken_image_gather(bool(opt.get("broken"))):
             loss = info_nce_loss(img, txt, scale, duplicate_keys=keys)
-        finally:
-            losses._BROKEN_IMAGE_GATHER_FOR_TESTS = False
     loss.backward()
 
     def grad(t: torch.Tensor) -> torch.Tensor:

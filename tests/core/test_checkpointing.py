@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-from llava_contrastive import checkpointing as ck
-from llava_contrastive.config import ContrastiveArguments
-from llava_contrastive.head import ContrastiveHead
+from llava_contrastive.training import checkpointing as ck
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.core.head import ContrastiveHead
 
 
 def holder(**flags):

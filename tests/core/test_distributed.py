@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from . import _dist_worker as worker
+from tests.core import _dist_worker as worker
 
 pytestmark = pytest.mark.distributed
 

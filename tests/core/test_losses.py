@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_contrastive.losses import info_nce_loss, siglip_loss
+from llava_contrastive.core.losses import info_nce_loss, siglip_loss
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:

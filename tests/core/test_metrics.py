@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from llava_contrastive.metrics import (
+from llava_contrastive.core.metrics import (
     alignment_report,
     in_batch_accuracy,
     modality_gap,

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from llava_contrastive import pooling
-from llava_contrastive.losses import info_nce_loss
-from llava_contrastive.pooling import caption_keys, caption_mask_from_labels, last_token, masked_mean, pool
-from llava_contrastive.queue import TextQueue, info_nce_loss_with_queue, validate_queue_usage
-from llava_contrastive.temperature import NO_DECAY_PARAM_NAMES, LogitScale, SigLIPBias, build_logit_params
+from llava_contrastive.core import pooling
+from llava_contrastive.core.losses import info_nce_loss
+from llava_contrastive.core.pooling import caption_keys, caption_mask_from_labels, last_token, masked_mean, pool
+from llava_contrastive.core.text_queue import TextQueue, info_nce_loss_with_queue, validate_queue_usage
+from llava_contrastive.core.temperature import LogitScale
 
-from .test_losses import naive_info_nce
+from tests.core.test_losses import naive_info_nce
 
 # ---------------------------------------------------------------- pooling
 
@@ -142,22 +142,6 @@ def test_logit_scale_fixed_and_custom():
     assert not ls().requires_grad
     assert "log_scale" in ls.state_dict()
     assert LogitScale(init_temperature=0.001, max_scale=100.0)().item() == pytest.approx(100.0, rel=1e-6)
-
-
-def test_build_logit_params():
-    clip = build_logit_params("infonce", None, 100.0, True)
-    assert set(clip) == {"logit_scale"}
-    assert clip["logit_scale"]().item() == pytest.approx(1 / 0.07, rel=1e-6)
-    sig = build_logit_params("siglip", None, 100.0, True)
-    assert sig["logit_scale"]().item() == pytest.approx(10.0, rel=1e-6)
-    assert isinstance(sig["logit_bias"], SigLIPBias) and sig["logit_bias"]().item() == -10.0
-    assert build_logit_params("clip", 0.1, 100.0, True)["logit_scale"]().item() == pytest.approx(10.0, rel=1e-6)
-    fixed = build_logit_params("siglip", 0.2, 100.0, False)
-    assert not any(p.requires_grad for p in fixed.parameters())
-    for name, _ in sig.named_parameters():
-        assert name.rsplit(".", 1)[-1] in NO_DECAY_PARAM_NAMES
-    with pytest.raises(ValueError):
-        build_logit_params("triplet", None, 100.0, True)
 
 
 # ---------------------------------------------------------------- queue

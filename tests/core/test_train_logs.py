@@ -3,9 +3,9 @@ import types
 
 import torch
 
-from llava_contrastive.config import ContrastiveArguments
-from llava_contrastive.head import ContrastiveHead
-from llava_contrastive.train_logs import JointLossStats, joint_loss_means
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.core.head import ContrastiveHead
+from llava_contrastive.training.logs import JointLossStats, joint_loss_means
 
 
 def output(ntp, con, rows, i2t=None, t2i=None):

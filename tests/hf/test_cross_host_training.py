@@ -143,7 +143,7 @@ def native_train(assets, setup, out: Path, steps: int, extra=(), as_upstream: bo
     with pytest.MonkeyPatch.context() as mp:
         if as_upstream:
             mp.setattr(convert, "build_native_llava", native_as_upstream(convert.build_native_llava))
-        train.main(["--llm_dir", str(assets.llm_dir), "--vision_dir", str(assets.vision_dir),
+        train.run(["--llm_dir", str(assets.llm_dir), "--vision_dir", str(assets.vision_dir),
                     "--vision_feature_layer", "-2", "--output_dir", str(out), "--disable_tqdm", "true",
                     *hyper_parameters(setup, steps, extra)])
     return out

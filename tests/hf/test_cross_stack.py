@@ -182,7 +182,7 @@ def test_native_trained_projector_in_upstream_model(tiny_assets, stack_u_python,
 
     folder, names = images
     run = tmp_path / "native-run"
-    trainer = train.main([
+    trainer = train.run([
         "--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir),
         "--data_path", str(tiny_assets.pretrain_json), "--image_folder", str(tiny_assets.image_folder),
         "--output_dir", str(run), "--per_device_train_batch_size", str(BATCH), "--learning_rate", "2e-3",

@@ -4,7 +4,7 @@
   captions masked by caption text), the embeddings and the held-out NTP loss equal a recomputation
   with transformers' plain LlavaForConditionalGeneration, and the CLI writes report.json + figures;
 * cross-host: the same upstream-format mm_projector.bin evaluated by the upstream host (stack U,
-  ``python -m llava_contrastive.eval`` in its own interpreter) and by the native host gives the same
+  ``python -m llava_contrastive.evaluation.alignment`` in its own interpreter) and by the native host gives the same
   recall / gap / cosine metrics; the NTP loss differs only by the native vocabulary's extra
   ``<image>`` logit (docs/HF_HOST.md "Known differences").
 """
@@ -51,7 +51,7 @@ def trained_run(tiny_assets, tmp_path_factory) -> Path:
     from llava_contrastive.hosts.hf import train
 
     out = tmp_path_factory.mktemp("hf-eval") / "run"
-    train.main(["--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir),
+    train.run(["--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir),
                 "--data_path", str(tiny_assets.pretrain_json), "--image_folder", str(tiny_assets.image_folder),
                 "--output_dir", str(out), "--per_device_train_batch_size", "16", "--learning_rate", "5e-3",
                 "--lr_scheduler_type", "constant", "--max_steps", "30", "--logging_steps", "1",
@@ -184,7 +184,7 @@ def test_cli_native_checkpoint_writes_report_and_figures(tiny_assets, trained_ru
         "--image_folder", tiny_assets.image_folder, "--output_dir", out, "--max_samples", 48,
         "--batch_size", 16, "--no_progress"])
     report = json.loads((out / "report.json").read_text())
-    from llava_contrastive import eval as ev
+    from llava_contrastive.evaluation import alignment as ev
 
     for k in ev.REPORT_KEYS + ("settings", "paths", "records", "ntp_tokens", "eval_seconds",
                                "train_final_ntp_loss", "s_per_step"):
@@ -227,7 +227,7 @@ def test_projector_and_head_resolution(tiny_assets, trained_run, tmp_path):
 def test_import_without_upstream_llava():
     """Both eval modules import without the upstream ``llava`` package (absent from stack M)."""
     code = ("import importlib.util, sys; assert importlib.util.find_spec('llava') is None; "
-            "import llava_contrastive.eval, llava_contrastive.hosts.hf.eval; "
+            "import llava_contrastive.evaluation.alignment, llava_contrastive.hosts.hf.eval; "
             "assert not any(m == 'llava' or m.startswith('llava.') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), check=True, timeout=120)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llava_contrastive.config import ContrastiveArguments
+from llava_contrastive.core.config import ContrastiveArguments
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -119,7 +119,7 @@ def input_grad_after_eval_step(n: int = 96, k: int = 64):
 
 def test_emulated_kernel_gives_no_input_gradient():
     """The mechanism of the trap, on any CPU: after the repacking, the layer passes no gradient back."""
-    from .bnb_cpu_packed import emulated_cpu_kernel
+    from tests.hf.bnb_cpu_packed import emulated_cpu_kernel
 
     with emulated_cpu_kernel() as calls:
         assert input_grad_after_eval_step() is None
@@ -133,7 +133,7 @@ def test_emulated_kernel_matches_native_kernel():
                     "against the dense dequantised weight in test_qlora_repacking_trap_forced)")
     from bitsandbytes.functional import _convert_weight_packed_for_cpu, quantize_4bit
 
-    from .bnb_cpu_packed import emulated_cpu_kernel
+    from tests.hf.bnb_cpu_packed import emulated_cpu_kernel
 
     torch.manual_seed(0)
     for n, k, blocksize, nested in [(96, 64, 64, True), (64, 128, 64, False), (128, 256, 128, True)]:
@@ -157,7 +157,7 @@ def test_qlora_repacking_trap_forced(native_dir, batch):
     the native one is missing or not. The eval step repacks the weights, later training forwards run
     an op outside autograd and the gradients change (nothing flows back through the repacked base
     weights). The fix in load_stage2 prevents it (test above)."""
-    from .bnb_cpu_packed import emulated_cpu_kernel
+    from tests.hf.bnb_cpu_packed import emulated_cpu_kernel
 
     processor, b = batch
     model = build(native_dir, processor, 4, fix_cpu_repacking=False)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from llava_contrastive.config import ContrastiveArguments
-from llava_contrastive.losses import info_nce_loss, siglip_loss
-from llava_contrastive.pooling import caption_keys, pool
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.core.losses import info_nce_loss, siglip_loss
+from llava_contrastive.core.pooling import caption_keys, pool
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def init_with_arm(self, *a, **kw):
     self.add_callback(Arm())
 
 train.ContrastiveHFTrainer.__init__ = init_with_arm
-sys.exit(train.cli())
+sys.exit(train.main())
 '''
 
 
@@ -176,17 +176,17 @@ def test_core_modules_import_neither_transformers_nor_llava():
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
         return {m.split(".")[0] for m in names}
 
-    for name in ("data_guard", "nonfinite"):
+    for name in ("data/guard", "training/step_guard"):
         assert not imported((REPO / "llava_contrastive" / f"{name}.py").read_text()) & {"transformers", "llava"}
-    # data_check.py (used by both): transformers only inside its stand-alone CLI's main()
-    check = (REPO / "llava_contrastive" / "data_check.py").read_text().split("\ndef main(")[0]
+    # data/check.py (used by both): transformers only inside its stand-alone CLI's main()
+    check = (REPO / "llava_contrastive" / "data" / "check.py").read_text().split("\ndef main(")[0]
     assert not imported(check) & {"transformers", "llava"}
 
 
 def test_guarded_native_dataset_names_flags_and_replaces_a_vanished_record(tiny_assets, native_dir, tmp_path):
     from transformers import AutoProcessor
 
-    from llava_contrastive.data_guard import BAD_RECORDS_KEY, FlaggingCollator, GuardedDataset
+    from llava_contrastive.data.guard import BAD_RECORDS_KEY, FlaggingCollator, GuardedDataset
     from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
 
     records, folder = good_corpus(tmp_path, tiny_assets, 4)
@@ -210,8 +210,8 @@ def test_guarded_native_dataset_names_flags_and_replaces_a_vanished_record(tiny_
 
 
 def test_nonfinite_guard_agrees_counts_and_stops():
-    from llava_contrastive.data_check import DataCheckError
-    from llava_contrastive.nonfinite import (NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,
+    from llava_contrastive.data.check import DataCheckError
+    from llava_contrastive.training.step_guard import (NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,
                                              zero_loss)
 
     finite = agree_on_step(torch.tensor(1.5), torch.tensor(14.3), 0, torch.tensor(4.0))

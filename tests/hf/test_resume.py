@@ -113,7 +113,7 @@ def test_checkpoint_holds_only_the_trainable_state(reference, native_dir):
     ck = reference / "checkpoint-4"
     names = {p.name for p in ck.iterdir()}
     assert names == {"mm_projector.bin", "contrastive_head.safetensors", "contrastive_config.json", "optimizer.pt",
-                     "scheduler.pt", "rng_state.pth", "trainer_state.json"}, names
+                     "scheduler.pt", "rng_state.pth", "trainer_state.json", "manifest.json"}, names
     assert not list(ck.glob("model*.safetensors")) and not list(ck.glob("pytorch_model*.bin"))
     model_bytes = (native_dir / "model.safetensors").stat().st_size
     assert dir_bytes(ck) < model_bytes / 4, (dir_bytes(ck), model_bytes)  # tiny: ~144 KB vs 1.3 MB
@@ -214,7 +214,7 @@ def test_two_ranks_zero3_checkpoint_excludes_frozen_llm_and_resumes(tiny_assets,
 
 def test_checkpoint_directory_helpers(tmp_path):
     """last_complete_checkpoint / clean_incomplete_checkpoints / commit_staged on plain directories."""
-    from llava_contrastive.checkpointing import (clean_incomplete_checkpoints, commit_staged,
+    from llava_contrastive.training.checkpointing import (clean_incomplete_checkpoints, commit_staged,
                                                  last_complete_checkpoint, staging_dir)
 
     assert last_complete_checkpoint(str(tmp_path / "missing")) is None

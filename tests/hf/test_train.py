@@ -30,7 +30,7 @@ def mean(xs):
 def test_stage1_one_process_both_losses_fall(tiny_assets, tmp_path):
     from llava_contrastive.hosts.hf import train
 
-    trainer = train.main(["--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir)]
+    trainer = train.run(["--llm_dir", str(tiny_assets.llm_dir), "--vision_dir", str(tiny_assets.vision_dir)]
                          + common_args(tiny_assets, tmp_path / "out"))
     logs = [h for h in trainer.state.log_history if "ntp_loss" in h]
     assert len(logs) == 15
@@ -84,7 +84,7 @@ def test_stage1_two_ranks_zero3(tiny_assets, native_dir, tmp_path):
 
     from llava_contrastive.hosts.hf import train
 
-    single = train.main(["--model_name_or_path", str(native_dir)]
+    single = train.run(["--model_name_or_path", str(native_dir)]
                         + common_args(tiny_assets, tmp_path / "single", steps=1, batch=16))
     first = [h for h in single.state.log_history if "contrastive_loss" in h][0]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]  # unrounded, unlike stdout
@@ -140,7 +140,7 @@ def test_two_ranks_step_equals_one_process(tiny_assets, native_dir, tmp_path, st
 
     from llava_contrastive.hosts.hf import train
 
-    train.main(["--model_name_or_path", str(native_dir)] + args(tmp_path / "one", 16))
+    train.run(["--model_name_or_path", str(native_dir)] + args(tmp_path / "one", 16))
     one = torch.load(tmp_path / "one" / "mm_projector.bin", weights_only=True)
     two = torch.load(tmp_path / "two" / "mm_projector.bin", weights_only=True)
     from transformers import LlavaForConditionalGeneration

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import runs
+from tests.host import runs
 
 
 @pytest.fixture(scope="session")
@@ -55,4 +55,30 @@ def weight0_run(tiny_assets, work, initial_projector) -> Path:
         "--pretrain_mm_mlp_adapter", str(initial_projector), "--contrastive_weight", "0",
         "--vision_tower_dtype", "float16"])  # upstream's exact numerics (fp16 tower) on CPU
     runs.run("llava_contrastive.train", args, log=work / "weight0.log")
+    return out
+
+
+# ---- stage 2 through our entry (tests/host/test_upstream_loader.py, test_vqa.py) --------------
+# Directory names follow upstream's ("llava" in them, "lora" for LoRA) because upstream's loader
+# chooses its path from the name.
+@pytest.fixture(scope="session")
+def stage1_dir(tiny_assets, work) -> Path:
+    out = work / "llava-tiny-pretrain"
+    runs.run("llava_contrastive.train", runs.stage1_args(tiny_assets, out, steps=8), log=work / "stage1.log")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_lora_dir(tiny_assets, work, stage1_dir) -> Path:
+    out = work / "llava-tiny-lora"
+    runs.run("llava_contrastive.train", runs.stage2_args(tiny_assets, out, stage1_dir / "mm_projector.bin", lora=True),
+             log=work / "stage2_lora.log")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_full_dir(tiny_assets, work, stage1_dir) -> Path:
+    out = work / "llava-tiny-full"
+    runs.run("llava_contrastive.train", runs.stage2_args(tiny_assets, out, stage1_dir / "mm_projector.bin", lora=False),
+             log=work / "stage2_full.log")
     return out

@@ -36,6 +36,26 @@ def stage1_args(assets, output_dir: Path, *, steps: int = 12, batch: int = 8, ex
     ]
 
 
+def stage2_args(assets, output_dir: Path, projector: Path, *, lora: bool, steps: int = 4, batch: int = 4,
+                extra: Iterable[str] = ()) -> list[str]:
+    """scripts/finetune_lora.sh (lora) / finetune.sh on the tiny instruct data, a few steps."""
+    mode = (["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-5",
+             "--learning_rate", "2e-4"] if lora else ["--learning_rate", "2e-5"])
+    return [
+        *mode, "--model_name_or_path", str(assets.llm_dir), "--version", "v1",
+        "--data_path", str(assets.instruct_json), "--image_folder", str(assets.instruct_image_folder),
+        "--vision_tower", str(assets.vision_dir), "--pretrain_mm_mlp_adapter", str(projector),
+        "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
+        "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+        "--image_aspect_ratio", "pad", "--group_by_modality_length", "True",
+        "--output_dir", str(output_dir), "--max_steps", str(steps), "--num_train_epochs", "1",
+        "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+        "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+        "--save_strategy", "no", "--model_max_length", "256", "--dataloader_num_workers", "0",
+        "--lazy_preprocess", "True", "--report_to", "none", "--seed", "7", "--contrastive_weight", "0", *extra,
+    ]
+
+
 def env(nproc: int = 1) -> dict:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -19,7 +19,7 @@ from PIL import Image
 
 from corpus_helpers import noise_jpeg, record, write_corpus
 
-from . import runs
+from tests.host import runs
 
 N_GOOD = 24
 BATCH = 8
@@ -298,7 +298,7 @@ def test_file_vanishing_mid_training_stops_all_ranks_with_a_checkpoint(tiny_asse
     back, the same command resumes."""
     import shutil
 
-    from . import runs
+    from tests.host import runs
 
     records = json.loads(Path(tiny_assets.pretrain_json).read_text())[:48]
     folder = tmp_path / "images"

@@ -1,4 +1,4 @@
-"""llava_contrastive.eval / holdout on tiny runs (the session fixtures of tests/host/conftest.py)."""
+"""llava_contrastive.evaluation.alignment / holdout on tiny runs (the session fixtures of tests/host/conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_contrastive import eval as ev
-from llava_contrastive.holdout import caption_of, normalise, split_records
-from llava_contrastive.metrics import alignment_report
+from llava_contrastive.evaluation import alignment as ev
+from llava_contrastive.hosts.llava import eval as host_eval
+from llava_contrastive.data.holdout import caption_of, normalise, split_records
+from llava_contrastive.core.metrics import alignment_report
 
-from . import runs
+from tests.host import runs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KEYS = ("i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "pos_mean", "neg_mean", "acc_i2t", "acc_t2i",
@@ -61,7 +62,7 @@ def test_eval_ntp_only_projector_file(tiny_assets, weight0_run, tmp_path):
 
 
 def test_metrics_equal_alignment_report(tiny_assets, joint_run):
-    report = ev.evaluate(str(tiny_assets.llm_dir), str(tiny_assets.vision_dir), str(joint_run),
+    report = host_eval.evaluate(str(tiny_assets.llm_dir), str(tiny_assets.vision_dir), str(joint_run),
                          str(tiny_assets.heldout_json), str(tiny_assets.image_folder), max_samples=40,
                          batch_size=16, figures=False, progress=False, return_embeddings=True)
     emb = report["_embeddings"]
@@ -97,7 +98,7 @@ def test_holdout_dedups(tmp_path):
     # the CLI writes both files
     src = tmp_path / "in.json"
     src.write_text(json.dumps(records))
-    runs.run("llava_contrastive.holdout", ["--data_path", str(src), "--num_heldout", "10", "--seed", "3",
+    runs.run("llava_contrastive.data.holdout", ["--data_path", str(src), "--num_heldout", "10", "--seed", "3",
                                            "--out_train", str(tmp_path / "t.json"), "--out_heldout", str(tmp_path / "h.json")])
     assert json.loads((tmp_path / "h.json").read_text()) == held
     assert json.loads((tmp_path / "t.json").read_text()) == train

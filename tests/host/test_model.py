@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llava_contrastive.config import ContrastiveArguments
-from llava_contrastive.losses import info_nce_loss
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.core.losses import info_nce_loss
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_trainer_refuses_non_plain_template(upstream):
 
 
 def test_prompt_batch_equals_naive_concatenation():
-    from llava_contrastive.prompts import build_prompt_batch
+    from llava_contrastive.core.prompts import build_prompt_batch
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 50, (5, 9), generator=g)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import runs
+from tests.host import runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 STEPS = 6

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from . import runs
+from tests.host import runs
 
 pytestmark = pytest.mark.slow
 PATCHES = runs.REPO / "patches"

@@ -8,7 +8,7 @@ import torch
 
 from llava_contrastive.hosts.llava import checkpoint as ckpt
 
-from . import runs
+from tests.host import runs
 
 
 def test_expected_shapes_match_upstream_builder():
@@ -48,8 +48,8 @@ def test_projector_files_are_loaded_without_unpickling_code(work):
 def test_head_from_another_configuration_is_refused(tiny_assets, joint_run, work):
     from types import SimpleNamespace
 
-    from llava_contrastive.config import ContrastiveArguments
-    from llava_contrastive.head import ContrastiveHead
+    from llava_contrastive.core.config import ContrastiveArguments
+    from llava_contrastive.core.head import ContrastiveHead
 
     model = SimpleNamespace(contrastive_args=ContrastiveArguments(contrastive_loss="siglip"))
     model.contrastive_head = ContrastiveHead(model.contrastive_args, 64)

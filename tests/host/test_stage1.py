@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from . import runs
+from tests.host import runs
 
 pytestmark = pytest.mark.slow
 

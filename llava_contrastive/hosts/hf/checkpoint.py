@@ -9,16 +9,13 @@ vision tower are never written into checkpoints; under DeepSpeed the engine chec
 """
 from __future__ import annotations
 
-import contextlib
-import glob
-import inspect
 import os
 from typing import Dict, Optional
 
 import torch
 
-from ...checkpointing import PROJECTOR_FILE, atomic_torch_save, load_head, load_projector_state, save_head
-from . import convert
+from llava_contrastive.training.checkpointing import PROJECTOR_FILE, atomic_torch_save, load_head, load_projector_state, save_head
+from llava_contrastive.hosts.hf import convert
 
 
 def is_zero3() -> bool:
@@ -55,10 +52,6 @@ def save_stage1_files(model, output_dir: str, is_main: bool, zero3: Optional[boo
         save_head(head, model.contrastive_args.to_dict(), output_dir)
 
 
-def has_stage1_files(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, PROJECTOR_FILE))
-
-
 def load_stage1_weights(model, directory: str) -> None:
     """Projector (strict, names and shapes checked) and head from a stage-1 directory into ``model``
     (not under ZeRO-3: there the DeepSpeed engine checkpoint restores them)."""
@@ -70,45 +63,3 @@ def load_stage1_weights(model, directory: str) -> None:
         raise ValueError(f"{path}: does not fit this model's projector ({err})") from err
     if getattr(model, "contrastive_head", None) is not None:
         load_head(model, directory)
-
-
-@contextlib.contextmanager
-def trainable_only_engine_save(engine, enabled: bool = True):
-    """Make ``engine.save_checkpoint`` skip frozen parameters (the LLM would be GBs per checkpoint)."""
-    if not enabled or engine is None or not hasattr(engine, "save_checkpoint") or \
-            "exclude_frozen_parameters" not in inspect.signature(engine.save_checkpoint).parameters:
-        yield
-        return
-    original = engine.save_checkpoint
-
-    def save_trainable_only(*args, **kwargs):
-        kwargs["exclude_frozen_parameters"] = True
-        return original(*args, **kwargs)
-
-    engine.save_checkpoint = save_trainable_only
-    try:
-        yield
-    finally:
-        del engine.save_checkpoint  # back to the class method
-
-
-@contextlib.contextmanager
-def deepspeed_nonstrict_resume():
-    """The engine checkpoint holds no frozen parameters, so the Trainer's DeepSpeed resume must load
-    the module non-strictly (transformers does so only for PEFT models). The frozen weights stay as
-    ``from_pretrained`` loaded them."""
-    import transformers.trainer as hf_trainer
-
-    original = hf_trainer.deepspeed_load_checkpoint
-
-    def load(engine, checkpoint_path, *args, **kwargs):
-        if not glob.glob(os.path.join(checkpoint_path, "global_step*")):
-            raise ValueError(f"{checkpoint_path}: no DeepSpeed checkpoint (global_step*) in it; it was not written "
-                             "by a --deepspeed run (resume it without --deepspeed, or start a new output_dir)")
-        return original(engine, checkpoint_path, load_module_strict=False)
-
-    hf_trainer.deepspeed_load_checkpoint = load
-    try:
-        yield
-    finally:
-        hf_trainer.deepspeed_load_checkpoint = original

@@ -19,7 +19,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union

@@ -9,7 +9,7 @@ is dropped, as upstream's plain template does.
 
 Images are opened in ``__getitem__``: in training the dataset is wrapped in the core's
 ``data_guard.GuardedDataset`` (records that fail to load then), after the pre-flight data check
-(``data_check.py``) has dropped (``--data_check_policy skip``) or refused (``error``) bad records.
+(``data/check.py``) has dropped (``--data_check_policy skip``) or refused (``error``) bad records.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Held-out image-text alignment on transformers' native LLaVA: ``python -m llava_contrastive.hosts.hf.eval``.
 
-The native host's counterpart of ``python -m llava_contrastive.eval``: same metrics (recall@1/5/10
+The native host's counterpart of ``python -m llava_contrastive.evaluation.alignment``: same metrics (recall@1/5/10
 both ways with duplicate captions masked, modality gap, positive / negative cosine, held-out NTP
 loss), same ``report.json`` keys, figures and console report -- everything host-agnostic is imported
-from ``llava_contrastive.eval``; only the model and the data are native here::
+from ``llava_contrastive.evaluation.alignment``; only the model and the data are native here::
 
     # a native checkpoint (hosts.hf.train output, or convert.py build), its own projector
     python -m llava_contrastive.hosts.hf.eval --model_name_or_path out \\
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from ... import eval as ev
-from ...checkpointing import load_head
+from llava_contrastive.evaluation import alignment as ev
+from llava_contrastive.training.checkpointing import load_head
 
 HEAD_PREFIX = "contrastive_head."  # the head's weights inside a native checkpoint
 
@@ -58,7 +59,7 @@ def resolve_projector(projector: str) -> tuple[Path, Optional[Path]]:
 
 def projector_state(source: Path) -> Dict[str, Any]:
     """The projector weights of ``source`` (upstream or native keys, nothing else)."""
-    from . import convert
+    from llava_contrastive.hosts.hf import convert
 
     if source.is_dir():
         from safetensors import safe_open
@@ -87,7 +88,7 @@ def load_native(model_name_or_path: str):
     import transformers
     from transformers import AutoConfig
 
-    from .model import ContrastiveLlavaForConditionalGeneration
+    from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 
     config = AutoConfig.from_pretrained(str(model_name_or_path))
     if hasattr(config, "contrastive"):
@@ -112,8 +113,8 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
     """(native model in float32, frozen, processor); the projector replaced by ``projector_source``."""
     import torch
 
-    from . import convert
-    from .model import ContrastiveLlavaForConditionalGeneration
+    from llava_contrastive.hosts.hf import convert
+    from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 
     if model_name_or_path:
         from transformers import AutoProcessor
@@ -144,7 +145,7 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
 
 def build_data(data_path: str, image_folder: str, processor, image_seq_length: int, max_length: int,
                max_samples: Optional[int]):
-    from .data import Collator, PretrainDataset
+    from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
 
     dataset = PretrainDataset(data_path, image_folder, processor, image_seq_length=image_seq_length,
                               max_length=max_length)
@@ -161,7 +162,7 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
              model_max_length: int = 2048, contrastive: Optional[Dict[str, Any]] = None, figures: bool = True,
              progress: bool = True, return_embeddings: bool = False) -> Dict[str, Any]:
     """Evaluate a native model (its own projector, or ``projector``) on held-out pairs; returns the
-    report dict of ``llava_contrastive.eval.evaluate`` (also written to ``output_dir/report.json``).
+    report dict of ``llava_contrastive.evaluation.alignment.evaluate`` (also written to ``output_dir/report.json``).
     ``model_max_length`` counts the image tokens (upstream truncates after splicing them in too)."""
     import torch
 
@@ -226,18 +227,20 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     return a
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     a = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = evaluate(a.data_path, a.image_folder, model_name_or_path=a.model_name_or_path, llm_dir=a.llm_dir,
-                      vision_dir=a.vision_dir, projector=a.projector, output_dir=a.output_dir, head=a.head,
-                      max_samples=a.max_samples, batch_size=a.batch_size, trainer_state=a.trainer_state,
-                      vision_feature_layer=a.vision_feature_layer, model_max_length=a.model_max_length,
-                      contrastive=ev.embedding_overrides(a), figures=not a.no_figures, progress=not a.no_progress)
-    print(ev.format_report(report))
-    print(f"report: {Path(a.output_dir) / 'report.json'}")
+                      vision_dir=a.vision_dir, projector=a.projector, vision_feature_layer=a.vision_feature_layer,
+                      **ev.shared_evaluate_kwargs(a))
+    ev.print_report(report, a.output_dir)
     return report
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

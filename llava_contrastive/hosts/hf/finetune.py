@@ -42,12 +42,13 @@ import torch.distributed as dist
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from ...config import ContrastiveArguments
-from ...head import optimizer_with_head_group
-from . import convert
-from .instruct_data import InstructCollator, InstructDataset, split_records
-from .launch import init_distributed_for_deepspeed, with_cpu_flag
-from .lora import load_stage2
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.training.checkpointing import last_complete_checkpoint
+from llava_contrastive.core.head import optimizer_with_head_group
+from llava_contrastive.hosts.hf import convert
+from llava_contrastive.hosts.hf.instruct_data import InstructCollator, InstructDataset, split_records
+from llava_contrastive.hosts.hf.launch import init_distributed_for_deepspeed, with_cpu_flag
+from llava_contrastive.hosts.hf.lora import load_stage2
 
 logger = logging.getLogger("llava_contrastive")
 PROJECTOR_KEY = "multi_modal_projector"
@@ -263,20 +264,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if targs.should_log else logging.WARNING,
                         format="%(message)s")
     _check_args(margs, dargs, targs, cargs)
-    targs.remove_unused_columns = False  # pixel_values is optional per batch
-    targs.prediction_loss_only = True   # evaluation = loss; never gather [batch, seq, vocab] logits
-    if not torch.cuda.is_available():
-        targs.dataloader_pin_memory = False
-    if targs.ddp_find_unused_parameters is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        # a micro-batch without images leaves the projector out of the graph on that rank
-        targs.ddp_find_unused_parameters = True
-    # transformers 5.x: --gradient_checkpointing is an alias of --activation_checkpointing; non-reentrant
-    # (the 5.x default) is needed here: the frozen embeddings give checkpointed blocks no input grad
-    kw_name = "activation_checkpointing_kwargs" if hasattr(targs, "activation_checkpointing_kwargs") \
-        else "gradient_checkpointing_kwargs"
-    if getattr(targs, "activation_checkpointing", None) or targs.gradient_checkpointing:
-        if getattr(targs, kw_name) is None:
-            setattr(targs, kw_name, {"use_reentrant": False})
+    _stage2_training_args(targs)
     init_distributed_for_deepspeed(targs)
     if margs.bits == 8:
         warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")
@@ -306,21 +294,7 @@ def main(argv=None):
     logger.info("[stage2] bits=%d, trainable %d parameters (LoRA %d, projector %d)", margs.bits, n_train, n_lora,
                 n_train - n_lora)
 
-    with open(dargs.data_path) as f:
-        records = json.load(f)
-    eval_records = None
-    if dargs.eval_data_path:
-        with open(dargs.eval_data_path) as f:
-            eval_records = json.load(f)
-    elif dargs.eval_size:
-        records, eval_records = split_records(records, dargs.eval_size, targs.seed)
-    ds_kw = dict(image_folder=dargs.image_folder, processor=processor, image_seq_length=base.config.image_seq_length,
-                 max_length=dargs.model_max_length, image_aspect_ratio=dargs.image_aspect_ratio,
-                 strict=dargs.strict_data)
-    train_ds = InstructDataset(records, name="train", **ds_kw)
-    eval_ds = InstructDataset(eval_records, name="eval", **ds_kw) if eval_records else None
-    if eval_ds is None and targs.eval_strategy != "no":
-        raise ValueError("--eval_strategy needs --eval_data_path or --eval_size")
+    train_ds, eval_ds = _datasets(dargs, targs, processor, base.config.image_seq_length)
 
     trainer = Stage2Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=InstructCollator(processor.tokenizer.pad_token_id),
@@ -340,13 +314,47 @@ def main(argv=None):
     return 0
 
 
-def _last_checkpoint(targs) -> Optional[str]:
-    """Re-running the same command resumes from the newest checkpoint in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _stage2_training_args(targs) -> None:
+    """Trainer settings stage 2 needs whatever the command line says."""
+    targs.remove_unused_columns = False  # pixel_values is optional per batch
+    targs.prediction_loss_only = True   # evaluation = loss; never gather [batch, seq, vocab] logits
+    if not torch.cuda.is_available():
+        targs.dataloader_pin_memory = False
+    if targs.ddp_find_unused_parameters is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # a micro-batch without images leaves the projector out of the graph on that rank
+        targs.ddp_find_unused_parameters = True
+    # transformers 5.x: --gradient_checkpointing is an alias of --activation_checkpointing; non-reentrant
+    # (the 5.x default) is needed here: the frozen embeddings give checkpointed blocks no input grad
+    kw_name = "activation_checkpointing_kwargs" if hasattr(targs, "activation_checkpointing_kwargs") \
+        else "gradient_checkpointing_kwargs"
+    if getattr(targs, "activation_checkpointing", None) or targs.gradient_checkpointing:
+        if getattr(targs, kw_name) is None:
+            setattr(targs, kw_name, {"use_reentrant": False})
 
-    if not os.path.isdir(targs.output_dir):
-        return None
-    last = get_last_checkpoint(targs.output_dir)
+
+def _datasets(dargs, targs, processor, image_seq_length: int):
+    """(train, eval or None) InstructDatasets: eval from --eval_data_path, or --eval_size held out."""
+    with open(dargs.data_path) as f:
+        records = json.load(f)
+    eval_records = None
+    if dargs.eval_data_path:
+        with open(dargs.eval_data_path) as f:
+            eval_records = json.load(f)
+    elif dargs.eval_size:
+        records, eval_records = split_records(records, dargs.eval_size, targs.seed)
+    ds_kw = dict(image_folder=dargs.image_folder, processor=processor, image_seq_length=image_seq_length,
+                 max_length=dargs.model_max_length, image_aspect_ratio=dargs.image_aspect_ratio,
+                 strict=dargs.strict_data)
+    train_ds = InstructDataset(records, name="train", **ds_kw)
+    eval_ds = InstructDataset(eval_records, name="eval", **ds_kw) if eval_records else None
+    if eval_ds is None and targs.eval_strategy != "no":
+        raise ValueError("--eval_strategy needs --eval_data_path or --eval_size")
+    return train_ds, eval_ds
+
+
+def _last_checkpoint(targs) -> Optional[str]:
+    """Re-running the same command resumes from the newest complete checkpoint in output_dir."""
+    last = last_complete_checkpoint(targs.output_dir)
     if last:
         logger.info("[stage2] resuming from %s", last)
     return last

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .data import IGNORE_INDEX, Collator
+from llava_contrastive.hosts.hf.data import IGNORE_INDEX, Collator
 
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_V1 = ("A chat between a curious user and an artificial intelligence assistant. "

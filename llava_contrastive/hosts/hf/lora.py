@@ -56,8 +56,8 @@ def load_stage2(model_dir, bits: int = 16, lora_r: int = 8, lora_alpha: int = 16
     (default: everything on the CPU). Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
-    from .convert import load_projector
-    from .model import ContrastiveLlavaForConditionalGeneration
+    from llava_contrastive.hosts.hf.convert import load_projector
+    from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 
     model_class = model_class or ContrastiveLlavaForConditionalGeneration
     kwargs = {"dtype": dtype}

@@ -3,7 +3,7 @@
 One forward pass yields both losses. The projected image tokens are captured from the pass itself
 (a forward hook on ``model.multi_modal_projector``; nothing is encoded twice), caption tokens are
 ``labels != -100`` minus the image placeholders (``input_ids == config.image_token_id``) and the
-trailing whitespace separator, and the core (``llava_contrastive.losses/pooling/head``) pools,
+trailing whitespace separator, and the core (``llava_contrastive.core.losses/pooling/head``) pools,
 gathers and scores them -- the same definitions as the upstream host (hosts/llava/model.py):
 
 * text  = mean of the frozen LLM input embeddings of the caption tokens
@@ -15,75 +15,38 @@ Rows with no image or more than one image get no contrastive pair (they keep the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from ...config import ContrastiveArguments
-from ...head import ContrastiveHead
-from ...pooling import caption_keys, pool, strip_trailing
-from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
-from ...queue import validate_queue_usage
+from llava_contrastive.core.pooling import caption_keys, pool, strip_trailing
+from llava_contrastive.hosts.common import ContrastiveModelMixin, contrastive_output_class
 
 IGNORE_INDEX = -100
 
 
-@dataclass
-class ContrastiveLlavaOutput(LlavaCausalLMOutputWithPast):
-    ntp_loss: Optional[torch.FloatTensor] = None
-    contrastive_loss: Optional[torch.FloatTensor] = None
-    logit_scale: Optional[torch.FloatTensor] = None
-    contrastive_rows: Optional[torch.FloatTensor] = None  # valid pairs in this rank's micro-batch
-    i2t_accuracy: Optional[torch.FloatTensor] = None
-    t2i_accuracy: Optional[torch.FloatTensor] = None
+ContrastiveLlavaOutput = contrastive_output_class(LlavaCausalLMOutputWithPast, "ContrastiveLlavaOutput", __name__)
 
 
-class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ContrastiveLlavaForConditionalGeneration(ContrastiveModelMixin, LlavaForConditionalGeneration):
     """``LlavaForConditionalGeneration`` whose training forward (``labels`` given, contrastive
     enabled) returns ``loss = ntp + contrastive_weight * contrastive``. Saved checkpoints are plain
     native LLaVA checkpoints plus ``config.contrastive`` and the ``contrastive_head.*`` weights."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.contrastive_head: Optional[ContrastiveHead] = None
-        self.contrastive_args: Optional[ContrastiveArguments] = None
         self._captured: Optional[List[torch.Tensor]] = None
-        self._separator_ids: Optional[torch.Tensor] = None
-        self._prompt_ids = None
         self.model.multi_modal_projector.register_forward_hook(self._capture_hook)
-        saved = getattr(config, "contrastive", None)
-        if isinstance(saved, dict):
-            self.init_contrastive(ContrastiveArguments.from_object(saved), tokenizer=None)
+        self._init_contrastive_state(config)
 
-    # ---- set-up ---------------------------------------------------------------------------
-    def init_contrastive(self, args: ContrastiveArguments, tokenizer=None) -> None:
-        """Build the head (its parameters trainable) and the tokenised separator / prompt pieces.
-        Call after freezing the model."""
-        args.validate()
-        if args.enabled and args.contrastive_queue_size:
-            validate_queue_usage(
-                text_requires_grad=args.contrastive_text_source == "input_embeds"
-                and self.get_input_embeddings().weight.requires_grad,
-                has_text_head=args.contrastive_head != "none")
-        self.contrastive_args = args
-        weight = self.get_input_embeddings().weight
-        head = ContrastiveHead(args, self.config.text_config.hidden_size)
-        # inside from_pretrained (config.contrastive set) the model is built on meta: the head stays
-        # there and is materialised from the checkpoint's contrastive_head.* weights
-        self.contrastive_head = head if weight.device.type == "meta" else head.to(weight.device)
-        self.config.contrastive = args.to_dict()
-        if tokenizer is not None:
-            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a LlavaProcessor is fine too
-            self._separator_ids = whitespace_token_ids(tokenizer)
-            if args.contrastive_text_source == "llm":
-                prefix, suffix = split_template(args.contrastive_prompt)
-                self._prompt_ids = (
-                    tokenizer(prefix, add_special_tokens=False).input_ids if prefix else [],
-                    tokenizer(suffix, add_special_tokens=False).input_ids if suffix else [],
-                    tokenizer.bos_token_id)
+    # ---- what the shared set-up needs from this host (hosts/common.py) --------------------
+    def _contrastive_hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    def _text_decoder(self) -> torch.nn.Module:
+        return self.model.language_model
 
     def _capture_hook(self, module, inputs, output):
         if self._captured is not None:
@@ -193,24 +156,6 @@ class ContrastiveLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                            requires_grad=torch.is_grad_enabled() and text_weight.requires_grad
                            and self.contrastive_args.contrastive_text_source == "input_embeds")
         return image, text
-
-    def _text_embeddings(self, ids, caption_mask):
-        args = self.contrastive_args
-        embed = self.get_input_embeddings()
-        if args.contrastive_text_source == "input_embeds":
-            with torch.set_grad_enabled(torch.is_grad_enabled() and embed.weight.requires_grad):
-                return pool(embed(ids.clamp(min=0)), caption_mask, args.text_pooling)
-        if self._prompt_ids is None:
-            raise RuntimeError("--contrastive_text_source llm needs the tokenizer: call "
-                               "model.init_contrastive(args, tokenizer)")
-        prompt_ids, prompt_mask = build_prompt_batch(ids, caption_mask, *self._prompt_ids)
-        with torch.no_grad():
-            out = self.model.language_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
-                                            output_hidden_states=args.contrastive_text_layer != -1,
-                                            return_dict=True)
-            states = out.last_hidden_state if args.contrastive_text_layer == -1 \
-                else out.hidden_states[args.contrastive_text_layer]
-            return pool(states, prompt_mask.bool(), args.text_pooling)
 
 
 # ---- helpers (pure functions of tensors; same definitions as the upstream host) --------------

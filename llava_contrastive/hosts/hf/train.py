@@ -13,15 +13,17 @@ Only ``model.multi_modal_projector`` and the contrastive head train. The output 
 
 ``--save_strategy steps`` writes resumable stage-1 checkpoints: ``checkpoint-N`` holds the projector
 and head files, optimizer, scheduler, RNG and trainer state, never the frozen LLM (under DeepSpeed the
-engine checkpoint excludes frozen parameters). Each is written into ``tmp-checkpoint-N`` and renamed
-when complete. Re-running the same command resumes from the last complete checkpoint in
-``--output_dir`` (leftovers of an interrupted save are removed first); ``--resume_from_checkpoint DIR``
-resumes from a given one.
+engine checkpoint excludes frozen parameters). Each is written into ``tmp-checkpoint-N``, sealed with
+``manifest.json`` (size and sha256 of every file, written last) and renamed when complete. Re-running
+the same command resumes from the newest checkpoint that verifies against its manifest in
+``--output_dir`` (a damaged newer one is reported and skipped; leftovers of an interrupted save are
+removed first); ``--resume_from_checkpoint DIR`` resumes from a given one. A save that fails with a
+full disk stops the run naming the path and the space needed, the previous checkpoint intact.
 Multi-rank CPU: ``torchrun --nproc_per_node 2 -m llava_contrastive.hosts.hf.train ... --use_cpu``
 (``use_cpu`` is forced on machines without CUDA; without it each rank trains on everything).
 
-Reliability, the upstream host's guarantees through the same core code (``data_check.py``,
-``data_guard.py``, ``nonfinite.py``) and flags:
+Reliability, the upstream host's guarantees through the same core code (``data/check.py``,
+``data/guard.py``, ``training/step_guard.py``) and flags:
 
 * ``--data_check quick|full|off`` / ``--data_check_policy error|skip`` / ``--data_check_workers`` /
   ``--data_check_cache``: the corpus is checked once (rank 0, broadcast) before training;
@@ -44,11 +46,9 @@ before stopping.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -56,24 +56,22 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from ...checkpointing import (TRAINER_STATE_FILE, clean_incomplete_checkpoints, commit_staged, is_complete_checkpoint,
-                              last_complete_checkpoint, staging_dir)
-from ...config import ContrastiveArguments
-from ...data_check import DataCheckArguments, DataCheckError, load_records, validate_settings
-from ...data_guard import (BAD_RECORDS_KEY, FlaggingCollator, GuardedDataset, data_check_settings, note_skipped,
-                           run_data_check, runtime_log_path)
-from ...faults import fault_step
-from ...head import clamp_logit_scale, find_contrastive_model, optimizer_with_head_group
-from ...nonfinite import (NonFiniteArguments, NonFiniteGuard, NonFiniteLossError, agree_on_step, raise_bad_records,
-                          zero_loss)
-from ...train_logs import JointLossStats, joint_loss_means
-from . import checkpoint as ckpt
-from . import convert
-from .data import Collator, PretrainDataset
-from .launch import init_distributed_for_deepspeed, with_cpu_flag
-from .model import ContrastiveLlavaForConditionalGeneration, ContrastiveLlavaOutput
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.data.check import DataCheckArguments, DataCheckError, load_records, validate_settings
+from llava_contrastive.data.guard import (FlaggingCollator, GuardedDataset, data_check_settings, note_skipped,
+                                          run_data_check, runtime_log_path)
+from llava_contrastive.hosts.common import ContrastiveTrainerMixin
+from llava_contrastive.hosts.hf import checkpoint as ckpt
+from llava_contrastive.hosts.hf import convert
+from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
+from llava_contrastive.hosts.hf.launch import init_distributed_for_deepspeed, with_cpu_flag
+from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
+from llava_contrastive.training.checkpointing import (TRAINER_STATE_FILE, CheckpointSaveError,
+                                                      clean_incomplete_checkpoints, commit_staged, staging_dir,
+                                                      write_manifest)
+from llava_contrastive.training.step_guard import NonFiniteArguments, NonFiniteLossError
 
 logger = logging.getLogger("llava_contrastive")
 
@@ -94,93 +92,36 @@ class DataArguments:
     model_max_length: int = field(default=2048, metadata={"help": "counts the image tokens too (576 at 336 px)"})
 
 
-class ClampLogitScale(TrainerCallback):
-    """Keeps the logit scale under its cap after each optimizer step."""
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            clamp_logit_scale(model)
-
-
-class ContrastiveHFTrainer(Trainer):
-    """transformers.Trainer + the head's optimizer group (--contrastive_lr, no decay) and the
-    ntp_loss / contrastive_loss / logit_scale / in-batch accuracy logs (averaged over ranks)."""
+class ContrastiveHFTrainer(ContrastiveTrainerMixin, Trainer):
+    """transformers.Trainer + the joint-loss bookkeeping of hosts/common.py (head optimizer group,
+    step guard, logs averaged over ranks, trainable-only checkpoints)."""
 
     def __init__(self, *a, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0, **kw):
         super().__init__(*a, **kw)
-        self.contrastive_args = contrastive_args
-        self.nonfinite_guard = NonFiniteGuard(nonfinite_max_skips)
         # transformers 5 divides the NTP by the token count of all ranks and multiplies the loss by the
         # world size: that factor would multiply the contrastive term too (it is already a global
         # mean on every rank). Per-rank means averaged over ranks instead, as upstream's trainer does.
         self.model_accepts_loss_kwargs = False
-        self._contrastive_model = find_contrastive_model(self.model) if contrastive_args.enabled else None
-        self._stats = JointLossStats()
-        if self._contrastive_model is not None:
-            self.add_callback(ClampLogitScale())
+        self._setup_contrastive(contrastive_args, nonfinite_max_skips)
 
-    def create_optimizer(self, *a, **kw):
-        head_params = []
-        if self.optimizer is None and self._contrastive_model is not None:
-            head_params = self._contrastive_model.contrastive_head.trainable_parameters()
-        lr = self.contrastive_args.contrastive_lr or self.args.learning_rate
-        self.optimizer = optimizer_with_head_group(
-            lambda: super(ContrastiveHFTrainer, self).create_optimizer(*a, **kw), head_params, lr)
-        return self.optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        bad_records = inputs.pop(BAD_RECORDS_KEY, None) or []
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if model.training:
-            if fault_step("nonfinite_loss") == self.state.global_step + 1:
-                loss = loss * float("nan")  # test hook (llava_contrastive/faults.py)
-            loss = self._guard_step(model, loss, outputs, bad_records)
-        if model.training and isinstance(outputs, ContrastiveLlavaOutput) and outputs.contrastive_loss is not None:
-            self._stats.add(outputs)
-        return (loss, outputs) if return_outputs else loss
-
-    def _guard_step(self, model, loss, outputs, bad_records):
-        """One all-reduce per micro-batch (core nonfinite.py): a record that failed to load on any rank
-        (--data_check_policy error) makes every rank raise DataCheckError at this step (train() saves a
-        checkpoint first); a non-finite loss / logit scale on any rank stops the run, or within
-        --nonfinite_max_skips gives this micro-batch a zero gradient on every rank."""
-        scale = getattr(outputs, "logit_scale", None)
-        verdict = agree_on_step(loss, scale, len(bad_records))
-        step = self.state.global_step + 1
-        raise_bad_records(verdict, step, bad_records)
-        values = {"loss": loss.detach(), "ntp_loss": getattr(outputs, "ntp_loss", None),
-                  "contrastive_loss": getattr(outputs, "contrastive_loss", None), "logit_scale": scale}
-        if not self.nonfinite_guard.check(verdict, step, values, self.args.output_dir):
-            return loss
-        return zero_loss(model.parameters())
-
-    def log(self, logs, *args, **kwargs):
-        if "loss" in logs:
-            logs.update(self._pop_logs())
-        super().log(logs, *args, **kwargs)
-
-    def _pop_logs(self):
-        """Means since the last log, summed over ranks (every rank logs at the same step), and the
-        reliability counters (records replaced during training on all ranks, skipped non-finite steps)."""
-        runtime_skips = float(getattr(self.train_dataset, "runtime_skips", 0) or 0)
-        s = self._stats.pop(self.args.device, extra={"runtime_skips": runtime_skips})
-        out = {}
-        if s["runtime_skips"]:
-            out["runtime_skipped_records"] = int(s["runtime_skips"])
-        if self.nonfinite_guard.count:
-            out["nonfinite_skipped_total"] = self.nonfinite_guard.count
-        if self._contrastive_model is not None:
-            out.update(joint_loss_means(s, self._contrastive_model.contrastive_head))
-        return out
+    def _load_stage1_weights(self, model, directory: str) -> None:
+        ckpt.load_stage1_weights(model, directory)
 
     # ---- saving: stage-1 checkpoints -----------------------------------------------------------
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """The trainable state only (mm_projector.bin + head files); never the frozen LLM."""
         ckpt.save_stage1_files(self.model, output_dir or self.args.output_dir, is_main=self.args.should_save)
 
+    _overwrites_existing_checkpoint = False  # always staged: an existing checkpoint-N is replaced whole
+
     def _save_checkpoint(self, model, trial):
+        """A failed write (full disk) stops the run naming the path and the space needed (mixin)."""
+        return self._guarded_checkpoint_save(lambda: self._write_checkpoint(model, trial), trial)
+
+    def _write_checkpoint(self, model, trial):
         """Trainer's checkpoint (stage-1 files, optimizer, scheduler, scaler, RNG, trainer state),
-        written into tmp-checkpoint-N and renamed to checkpoint-N once every rank has written its part."""
+        written into tmp-checkpoint-N, sealed with its manifest (sizes, sha256; last) and renamed to
+        checkpoint-N once every rank has written its part."""
         from transformers.trainer_callback import ExportableState
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
@@ -213,68 +154,33 @@ class ContrastiveHFTrainer(Trainer):
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE_FILE))
         self.accelerator.wait_for_everyone()  # every rank's RNG state and DeepSpeed shards are in
         if self.args.should_save:
+            write_manifest(staging)
             commit_staged(staging, final)
+            self._verified_checkpoint = final
         self.accelerator.wait_for_everyone()
         if self.args.push_to_hub:
             self._push_from_checkpoint(final)
         if self.args.should_save:
-            self._rotate(run_dir)
-
-    def _rotate(self, run_dir: str) -> None:
-        try:
-            from transformers.trainer_utils import rotate_checkpoints
-        except ImportError:  # transformers < 5
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
-            return
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        if fault_step("kill_in_save") == self.state.global_step:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
-        with ckpt.trainable_only_engine_save(self.model_wrapped, enabled=self.is_deepspeed_enabled):
-            super()._save_optimizer_and_scheduler(output_dir)
-
-    # ---- resuming ---------------------------------------------------------------------------
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if ckpt.has_stage1_files(resume_from_checkpoint):
-            target = find_contrastive_model(model if model is not None else self.model) or self.model
-            logger.info("resuming stage-1 weights (projector, head) from %s", resume_from_checkpoint)
-            ckpt.load_stage1_weights(target, resume_from_checkpoint)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self._rotate_keeping_verified(run_dir)  # never the newest, the last verified or the best one
 
     def train(self, resume_from_checkpoint=None, trial=None, auto_resume: bool = False, **kwargs):
-        """``resume_from_checkpoint``: a checkpoint directory, True (the last complete one), or None;
-        ``auto_resume``: resume from the last complete checkpoint in output_dir if there is one.
-        Leftovers of interrupted saves are removed first."""
+        """``resume_from_checkpoint``: a checkpoint directory (must verify against its manifest), True
+        (the newest checkpoint that verifies), or None; ``auto_resume``: resume from the newest
+        verified checkpoint in output_dir if there is one. Leftovers of interrupted saves are removed first."""
         out = self.args.output_dir
         if self.args.should_save:
-            clean_incomplete_checkpoints(out)
+            clean_incomplete_checkpoints(out)  # before looking for the last complete checkpoint
         self.accelerator.wait_for_everyone()
-        if resume_from_checkpoint is True or (resume_from_checkpoint is None and auto_resume):
-            found = last_complete_checkpoint(out)
-            if found is None and resume_from_checkpoint is True:
-                raise ValueError(f"no complete checkpoint-* in {out} to resume from")
-            resume_from_checkpoint = found
-        elif resume_from_checkpoint:
-            if not is_complete_checkpoint(resume_from_checkpoint):
-                raise ValueError(f"{resume_from_checkpoint}: not a complete checkpoint (no {TRAINER_STATE_FILE}); "
-                                 f"resume from another checkpoint-* or start without --resume_from_checkpoint")
+        # the newest checkpoint that verifies against its manifest (a damaged one is reported and
+        # skipped); an explicit directory must verify
+        required = resume_from_checkpoint is True
+        if resume_from_checkpoint is None and auto_resume:
+            resume_from_checkpoint = True
+        resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint, required=required)
         if resume_from_checkpoint and self.is_world_process_zero():
             logger.warning("resuming from %s", resume_from_checkpoint)
-        guard = ckpt.deepspeed_nonstrict_resume() if self.is_deepspeed_enabled else contextlib.nullcontext()
-        with guard:
-            try:
-                return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
-            except DataCheckError as err:
-                # a record failed to load under --data_check_policy error: every rank raised at the same
-                # step (_guard_step), so they can save collectively; a DataCheckError of one rank only
-                # (e.g. more runtime skips than allowed) cannot save without the others: it just stops
-                if getattr(err, "agreed", False) or self.args.world_size == 1:
-                    logger.error("saving a resumable checkpoint at step %d before stopping", self.state.global_step)
-                    self._save_checkpoint(self.model, trial=None)
-                raise
+        return self._train_guarded(lambda: super(ContrastiveHFTrainer, self).train(
+            resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs))
 
 
 def save_stage1(trainer: Trainer, model, processor, output_dir: str) -> None:
@@ -306,7 +212,12 @@ def checked_records(dargs: DataArguments, check: Dict, targs: TrainingArguments,
     return records
 
 
-def main(argv=None) -> Trainer:
+def run(argv=None) -> Trainer:
+    from llava_contrastive.training.preflight import run_preflight, strip_flag
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_preflight(argv, host="hf")  # user errors: exit 2 here, before any model loads
+    argv = strip_flag(argv, "overwrite_output_dir")  # acted on by pre-flight; transformers 5 has no such flag
     parser = HfArgumentParser((ModelArguments, DataArguments, DataCheckArguments, NonFiniteArguments,
                                TrainingArguments, ContrastiveArguments))
     margs, dargs, check_args, nargs, targs, cargs = parser.parse_args_into_dataclasses(args=with_cpu_flag(argv))
@@ -352,13 +263,20 @@ def main(argv=None) -> Trainer:
     return trainer
 
 
-def cli(argv=None) -> int:
-    """``main`` for the command line: a refused corpus, a record that went bad under policy error or a
-    non-finite loss ends the process with exit code 1 and the message (every rank prints it; the
-    ranks leave the process group together), not a traceback."""
+def main(argv=None) -> int:
+    """``run`` for the command line: a refused corpus, a record that went bad under policy error, a
+    non-finite loss or a checkpoint save that failed (full disk) ends the process with exit code 1 and
+    the message (every rank prints it; the ranks leave the process group together), not a traceback.
+    User errors (bad flags, missing paths, a resume with other settings: training/preflight.py, before
+    any model loads; a text cache built for other settings) exit with code 2."""
+    from llava_contrastive.core.text_cache import TextCacheMismatch
+
     try:
-        main(argv)
-    except (DataCheckError, NonFiniteLossError) as err:
+        run(argv)
+    except TextCacheMismatch as err:  # --contrastive_text_cache built for other settings (user error)
+        _write_stderr(f"error: {err}\n")
+        return 2
+    except (DataCheckError, NonFiniteLossError, CheckpointSaveError) as err:
         rank = int(os.environ.get("RANK", "0") or 0)
         _write_stderr(f"[rank {rank}] {type(err).__name__}: {err}\n")
         # raised on every rank at the same point (the pre-flight report, the per-step all-reduce): leave
@@ -395,4 +313,4 @@ def _leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())

@@ -8,9 +8,9 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 
-from ...checkpointing import (HEAD_CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE, atomic_torch_save,  # noqa: F401
+from llava_contrastive.training.checkpointing import (HEAD_CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE, atomic_torch_save,  # noqa: F401
                               atomic_write_text, load_head, load_projector_state, save_head)
-from .compat import LlavaConfig, llava_trainer
+from llava_contrastive.hosts.llava.compat import LlavaConfig, llava_trainer
 
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")  # what upstream's checkpoint save matches
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from ... import HOST_INSTALL_HINT
+from llava_contrastive import HOST_INSTALL_HINT
 
 
 class HostNotFoundError(ImportError):

@@ -1,7 +1,7 @@
 """The data check in upstream's training: ``make_checked_data_module`` replaces
 ``llava.train.train.make_supervised_data_module``.
 
-* The check (llava_contrastive/data_check.py) runs ONCE, on global rank 0; the other ranks wait
+* The check (llava_contrastive/data/check.py) runs ONCE, on global rank 0; the other ranks wait
   (a gloo broadcast with a long timeout, so a full check of 558k images does not trip the NCCL
   watchdog) and receive the same report. ``OUTPUT_DIR/data_check_report.json`` is written by the main process.
 * ``--data_check_policy error`` + bad records: every rank raises ``DataCheckError`` with the
@@ -15,7 +15,7 @@
   1% of the records + 10, beyond which ``DataCheckError`` is raised.
 
 The host-agnostic parts (the rank-0 check and broadcast, report / skip files, GuardedDataset,
-FlaggingCollator) are llava_contrastive/data_guard.py, shared with the native host; this module
+FlaggingCollator) are llava_contrastive/data/guard.py, shared with the native host; this module
 adds what is upstream's: its data module, its dataset's ``list_data_dict``, its conversation template.
 """
 from __future__ import annotations
@@ -25,14 +25,14 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
-from ...data_check import (FIX_HINT, BadRecord, CheckReport, DataCheckArguments, DataCheckError,  # noqa: F401
+from llava_contrastive.data.check import (FIX_HINT, BadRecord, CheckReport, DataCheckArguments, DataCheckError,  # noqa: F401
                            check_records, classify_exception, default_cache_path, load_records,
                            validate_settings, write_json_atomic)
-# the host-agnostic parts live in the core (llava_contrastive/data_guard.py), shared with hosts/hf
-from ...data_guard import (BAD_RECORD_KEY, BAD_RECORDS_KEY, CHECKED_DATA_NAME, REPORT_NAME,  # noqa: F401
+# the host-agnostic parts live in the core (llava_contrastive/data/guard.py), shared with hosts/hf
+from llava_contrastive.data.guard import (BAD_RECORD_KEY, BAD_RECORDS_KEY, CHECKED_DATA_NAME, REPORT_NAME,  # noqa: F401
                            RUNTIME_SKIPS_NAME, SKIPPED_NAME, WAIT_TIMEOUT_ENV, FlaggingCollator, GuardedDataset,
                            _Counter, data_check_settings, note_skipped, run_data_check, runtime_log_path)
-from ...data_guard import check_once as _check_once  # noqa: F401
+from llava_contrastive.data.guard import check_once as _check_once  # noqa: F401
 
 logger = logging.getLogger("llava_contrastive")
 
@@ -49,20 +49,12 @@ def data_stage() -> str:
         return "pretrain"
 
 
-def image_tokens_of(model: Any) -> int:
-    """Patch tokens one image costs in the sequence (upstream CLIPVisionTower.num_patches); 0 if unknown."""
-    try:
-        return int(model.get_vision_tower().num_patches)
-    except Exception:
-        return 0
-
-
 def make_checked_data_module(original_make: Callable[..., dict], tokenizer: Any, data_args: Any,
                              output_dir: str, is_main: bool, *, image_tokens: Optional[int] = None,
                              stage: Optional[str] = None, progress: Optional[bool] = None) -> dict:
     """``original_make(tokenizer=, data_args=)`` (upstream's make_supervised_data_module) with the
     corpus checked first (see the module docstring). ``image_tokens``: patch tokens per image
-    (``image_tokens_of(model)``), used to find captions that the sequence limit cuts to nothing;
+    (upstream's ``CLIPVisionTower.num_patches``), used to find captions that the sequence limit cuts to nothing;
     None = ``data_args.image_tokens`` if set, else only the image placeholder is counted.
     ``stage``: 'pretrain' | 'instruct' (default: from upstream's conversation template)."""
     s = data_check_settings(data_args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -85,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Path:
+def run(argv: Optional[Sequence[str]] = None) -> Path:
     from safetensors.torch import save_file
 
     a = parse_args(argv)
@@ -104,5 +105,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     return out
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,21 +6,17 @@ labels (``labels != -100`` in the ``plain`` template), and the core pools, gathe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ...config import ContrastiveArguments
-from ...head import ContrastiveHead
-from ...pooling import caption_keys, pool
-from ...pooling import strip_trailing
-from ...prompts import build_prompt_batch, split_template, whitespace_token_ids
-from ...queue import validate_queue_usage
-from .compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
+from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.core.pooling import caption_keys, pool, strip_trailing
+from llava_contrastive.hosts.common import ContrastiveModelMixin, contrastive_output_class
+from llava_contrastive.hosts.llava.compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
 
 
 class ContrastiveLlavaConfig(LlavaConfig):
@@ -30,15 +26,15 @@ class ContrastiveLlavaConfig(LlavaConfig):
 
     model_type = "llava_llama_contrastive"
 
+    def to_dict(self):
+        """Every saved config.json (stage 1 and 2, LoRA or full) says upstream's ``llava_llama`` /
+        ``LlavaLlamaForCausalLM``, so upstream's load_pretrained_model takes it without this plugin."""
+        d = super().to_dict()
+        d["model_type"], d["architectures"] = LlavaConfig.model_type, ["LlavaLlamaForCausalLM"]
+        return d
 
-@dataclass
-class ContrastiveCausalLMOutput(CausalLMOutputWithPast):
-    ntp_loss: Optional[torch.FloatTensor] = None
-    contrastive_loss: Optional[torch.FloatTensor] = None
-    logit_scale: Optional[torch.FloatTensor] = None
-    contrastive_rows: Optional[torch.FloatTensor] = None  # valid pairs in this rank's micro-batch
-    i2t_accuracy: Optional[torch.FloatTensor] = None  # in-batch, this rank's micro-batch
-    t2i_accuracy: Optional[torch.FloatTensor] = None
+
+ContrastiveCausalLMOutput = contrastive_output_class(CausalLMOutputWithPast, "ContrastiveCausalLMOutput", __name__)
 
 
 def rows_with_one_image(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,53 +63,28 @@ def image_position_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.
     return (positions >= start) & (positions < end) & valid.reshape(-1, 1)
 
 
-class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
+class ContrastiveLlavaForCausalLM(ContrastiveModelMixin, LlavaLlamaForCausalLM):
     config_class = ContrastiveLlavaConfig
 
     def __init__(self, config):
         super().__init__(config)
-        self.contrastive_head: Optional[ContrastiveHead] = None
-        self.contrastive_args: Optional[ContrastiveArguments] = None
         self._capture_image_features = False
         self._captured_image_features: Optional[torch.Tensor] = None
-        self._prompt_ids: Optional[tuple[List[int], List[int], Optional[int]]] = None
-        self._separator_ids: Optional[torch.Tensor] = None
-        saved = getattr(config, "contrastive", None)
-        if isinstance(saved, dict):
-            self.init_contrastive(ContrastiveArguments.from_object(saved), tokenizer=None)
+        self._init_contrastive_state(config)
 
-    # ---- set-up ---------------------------------------------------------------------------
-    def init_contrastive(self, args: ContrastiveArguments, tokenizer=None) -> None:
-        """Build the contrastive head and tokenised prompt pieces. Call after upstream has
-        frozen the model (``requires_grad_(False)``): the head's learnable parameters are
-        (re-)enabled here."""
-        args.validate()
+    # ---- what the shared set-up needs from this host (hosts/common.py) --------------------
+    def _contrastive_hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def _text_decoder(self) -> nn.Module:
+        return self.get_model()
+
+    def _check_contrastive_args(self, args: ContrastiveArguments) -> None:
         if args.enabled and getattr(self.config, "mm_use_im_start_end", False):
             raise ValueError(
                 "--mm_use_im_start_end True trains the input embeddings, but the contrastive term "
                 "assumes a frozen text side. Use --mm_use_im_start_end False (upstream's v1.5 "
                 "recipe) or --contrastive_weight 0.")
-        if args.enabled and args.contrastive_queue_size:
-            validate_queue_usage(
-                text_requires_grad=args.contrastive_text_source == "input_embeds"
-                and self.get_input_embeddings().weight.requires_grad,
-                has_text_head=args.contrastive_head != "none")
-        self.contrastive_args = args
-        hidden = self.config.hidden_size
-        device = self.get_input_embeddings().weight.device
-        self.contrastive_head = ContrastiveHead(args, hidden).to(device)
-        self.config.contrastive = args.to_dict()
-        if tokenizer is not None:
-            self._separator_ids = whitespace_token_ids(tokenizer)
-            if args.contrastive_text_source == "llm":
-                prefix, suffix = split_template(args.contrastive_prompt)
-                self._prompt_ids = (
-                    tokenizer(prefix, add_special_tokens=False).input_ids if prefix else [],
-                    tokenizer(suffix, add_special_tokens=False).input_ids if suffix else [],
-                    tokenizer.bos_token_id,
-                )
-        elif args.contrastive_text_source == "llm":
-            self._prompt_ids = None  # set when a tokenizer is given
 
     # ---- capture --------------------------------------------------------------------------
     def encode_images(self, images):
@@ -257,25 +228,6 @@ class ContrastiveLlavaForCausalLM(LlavaLlamaForCausalLM):
         mask = image_position_mask(input_ids, attention_mask, valid, lengths, states.shape[1],
                                    new_attention_mask, getattr(self.config, "tokenizer_padding_side", "right"))
         return pool(states[rows], mask[rows], args.image_pooling)
-
-    def _text_embeddings(self, ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
-        args = self.contrastive_args
-        embed = self.get_model().embed_tokens
-        frozen = not embed.weight.requires_grad
-        if args.contrastive_text_source == "input_embeds":
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                tokens = embed(ids.clamp(min=0))
-                return pool(tokens, caption_mask, args.text_pooling)
-        if self._prompt_ids is None:
-            raise RuntimeError("--contrastive_text_source llm needs the tokenizer: call "
-                               "model.init_contrastive(args, tokenizer) (the trainer does this)")
-        prompt_ids, prompt_mask = build_prompt_batch(ids, caption_mask, *self._prompt_ids)
-        with torch.no_grad():
-            out = self.get_model()(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
-                                   output_hidden_states=args.contrastive_text_layer != -1, return_dict=True)
-            states = out.last_hidden_state if args.contrastive_text_layer == -1 \
-                else out.hidden_states[args.contrastive_text_layer]
-            return pool(states, prompt_mask.bool(), args.text_pooling)
 
 
 # ---- small helpers (pure functions of tensors) ------------------------------------------------

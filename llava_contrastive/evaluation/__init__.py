@@ -1,0 +1,1 @@
+"""Host-agnostic evaluation: the alignment report and figures, downstream benchmarks and scoring."""
