@@ -37,7 +37,8 @@ else
   MAX_STEPS=(); LORA_R="${LORA_R:-128}"; LORA_ALPHA="${LORA_ALPHA:-256}"
   DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero3.json}"; WORKERS="${WORKERS:-4}"
 fi
-ranks=$(( NUM_GPUS * ${NNODES:-1} ))
+resolve_nodes
+ranks=$(( NUM_GPUS * NNODES ))
 ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
 [[ "$ACCUM" -ge 1 ]] || { echo "GLOBAL_BATCH too small for $ranks ranks x $PER_DEVICE_BATCH" >&2; exit 2; }
 if [[ "${FULL_FINETUNE:-0}" == 1 ]]; then

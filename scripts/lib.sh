@@ -30,6 +30,25 @@ tiny_assets() {
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 }
 
+# resolve_nodes: NNODES from HOSTFILE (one host per non-comment line) when unset; an NNODES that
+# disagrees with HOSTFILE is refused, since the gradient accumulation (hence the global batch) is
+# computed for NUM_GPUS x NNODES ranks.
+resolve_nodes() {
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    [[ -f "$HOSTFILE" ]] || { echo "HOSTFILE=$HOSTFILE: no such file (a DeepSpeed hostfile: 'host slots=N' per line)" >&2; exit 2; }
+    local n
+    n=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+    if [[ -z "${NNODES:-}" ]]; then
+      NNODES=$n
+    elif [[ "$NNODES" != "$n" ]]; then
+      echo "NNODES=$NNODES but HOSTFILE=$HOSTFILE lists $n host(s): the global batch would be computed for the" \
+           "wrong number of ranks. Set NNODES=$n, or leave NNODES unset to take it from the hostfile." >&2
+      exit 2
+    fi
+  fi
+  NNODES="${NNODES:-1}"
+}
+
 # launch MODULE ARGS...: one process, torchrun (CPU, several ranks) or deepspeed (GPU / multi-node).
 launch() {
   local module="$1"; shift

@@ -9,6 +9,7 @@
 #   IMAGE_FOLDER=./playground/data/LLaVA-Pretrain/images  OUTPUT_DIR=./checkpoints/llava-v1.5-13b-pretrain-contrastive
 #   NUM_GPUS=8  NNODES=1  GLOBAL_BATCH=256  PER_DEVICE_BATCH=32  REPORT_TO=wandb  SAVE_STEPS=200
 #   DEEPSPEED_CONFIG=scripts/zero2.json  PROJECTOR=mlp2x_gelu  CONTRASTIVE_WEIGHT=...  PYTHON=python
+#   MAX_STEPS=N (stop after N optimizer steps; default one epoch)  HOSTFILE (NNODES follows it)
 # Extra arguments are passed to the trainer (e.g. --contrastive_loss siglip).
 # Re-running the same command after an interruption resumes from the last checkpoint.
 set -euo pipefail
@@ -32,7 +33,7 @@ else
   DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero2.json}"
   TINY=0
 fi
-NNODES="${NNODES:-1}"
+resolve_nodes
 ranks=$(( NUM_GPUS * NNODES ))
 ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
 if [[ "$ACCUM" -lt 1 || $(( ACCUM * ranks * PER_DEVICE_BATCH )) -ne "$GLOBAL_BATCH" ]]; then
@@ -42,6 +43,7 @@ echo "pretrain_contrastive: $ranks rank(s) x batch $PER_DEVICE_BATCH x accumulat
      "contrastive negatives per sample: $(( ranks * PER_DEVICE_BATCH - 1 )) (gathered over ranks, per micro-batch)" >&2
 
 ds=(); [[ -n "${DEEPSPEED_CONFIG:-}" ]] && ds=(--deepspeed "$DEEPSPEED_CONFIG")
+steps=(); [[ -n "${MAX_STEPS:-}" ]] && steps=(--max_steps "$MAX_STEPS")   # default: EPOCHS (1) over the data
 launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   "${ds[@]}" \
   --model_name_or_path "$MODEL" --version plain \
@@ -49,7 +51,7 @@ launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   --vision_tower "$VISION_TOWER" --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" \
   --tune_mm_mlp_adapter True --mm_vision_select_layer -2 \
   --mm_use_im_start_end False --mm_use_im_patch_token False \
-  "${PRECISION[@]}" \
+  "${PRECISION[@]}" "${steps[@]}" \
   --output_dir "$OUTPUT_DIR" \
   --num_train_epochs "${EPOCHS:-1}" --per_device_train_batch_size "$PER_DEVICE_BATCH" \
   --per_device_eval_batch_size 4 --gradient_accumulation_steps "$ACCUM" \

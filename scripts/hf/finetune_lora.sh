@@ -53,7 +53,8 @@ else
   BASE=(--model_name_or_path "$MODEL")                       # already a native LLaVA checkpoint
 fi
 PROJ=(); [[ -n "${PROJECTOR_FILE:-}" ]] && PROJ=(--pretrain_mm_mlp_adapter "$PROJECTOR_FILE")
-ranks=$(( NUM_GPUS * ${NNODES:-1} ))
+resolve_nodes
+ranks=$(( NUM_GPUS * NNODES ))
 ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
 [[ "$ACCUM" -ge 1 ]] || { echo "GLOBAL_BATCH too small for $ranks ranks x $PER_DEVICE_BATCH" >&2; exit 2; }
 EVAL=(--eval_strategy no)

@@ -46,7 +46,8 @@ if [[ -n "${VISION_TOWER:-}" ]]; then
 else
   BASE=(--model_name_or_path "$MODEL")
 fi
-ranks=$(( NUM_GPUS * ${NNODES:-1} ))
+resolve_nodes
+ranks=$(( NUM_GPUS * NNODES ))
 ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
 if [[ "$ACCUM" -lt 1 || $(( ACCUM * ranks * PER_DEVICE_BATCH )) -ne "$GLOBAL_BATCH" ]]; then
   echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of ranks ($ranks) x PER_DEVICE_BATCH ($PER_DEVICE_BATCH)" >&2; exit 2
