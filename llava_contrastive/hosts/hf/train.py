@@ -69,7 +69,7 @@ from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
 from llava_contrastive.hosts.hf.launch import init_distributed_for_deepspeed, with_cpu_flag
 from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 from llava_contrastive.training.checkpointing import (TRAINER_STATE_FILE, CheckpointSaveError,
-                                                      clean_incomplete_checkpoints, commit_staged, staging_dir,
+                                                      commit_staged, staging_dir,
                                                       write_manifest)
 from llava_contrastive.training.step_guard import NonFiniteArguments, NonFiniteLossError
 
@@ -167,20 +167,21 @@ class ContrastiveHFTrainer(ContrastiveTrainerMixin, Trainer):
         """``resume_from_checkpoint``: a checkpoint directory (must verify against its manifest), True
         (the newest checkpoint that verifies), or None; ``auto_resume``: resume from the newest
         verified checkpoint in output_dir if there is one. Leftovers of interrupted saves are removed first."""
-        out = self.args.output_dir
-        if self.args.should_save:
-            clean_incomplete_checkpoints(out)  # before looking for the last complete checkpoint
-        self.accelerator.wait_for_everyone()
-        # the newest checkpoint that verifies against its manifest (a damaged one is reported and
-        # skipped); an explicit directory must verify
         required = resume_from_checkpoint is True
         if resume_from_checkpoint is None and auto_resume:
             resume_from_checkpoint = True
-        resume_from_checkpoint = self._resolve_resume(resume_from_checkpoint, required=required)
-        if resume_from_checkpoint and self.is_world_process_zero():
-            logger.warning("resuming from %s", resume_from_checkpoint)
-        return self._train_guarded(lambda: super(ContrastiveHFTrainer, self).train(
-            resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs))
+
+        def train_from_verified():
+            # after _train_guarded removed what interrupted saves left: the newest checkpoint that
+            # verifies against its manifest (a damaged one is reported and skipped); an explicit
+            # directory must verify
+            resume = self._resolve_resume(resume_from_checkpoint, required=required)
+            if resume and self.is_world_process_zero():
+                logger.warning("resuming from %s", resume)
+            return super(ContrastiveHFTrainer, self).train(resume_from_checkpoint=resume or None, trial=trial,
+                                                           **kwargs)
+
+        return self._train_guarded(train_from_verified)
 
 
 def save_stage1(trainer: Trainer, model, processor, output_dir: str) -> None:
