@@ -27,6 +27,7 @@ VERBS: Dict[str, Dict[str, str]] = {
     "tiny": {"": "llava_contrastive.dev.tiny"},
     "score": {"": "llava_contrastive.evaluation.score"},
     "reproduce": {"": "llava_contrastive.evaluation.reproduce"},
+    "plot": {"": "llava_contrastive.evaluation.plot"},
 }
 SUMMARY = {
     "train": "stage 1: NTP + contrastive projector alignment (upstream's train flags + --contrastive_*)",
@@ -43,6 +44,7 @@ SUMMARY = {
     "tiny": "build the tiny offline models and data",
     "score": "score a benchmark answers file (pope mme mmbench gqa textqa) -> metrics JSON",
     "reproduce": "two-stage reproduction: NTP-only vs joint stage 1 -> stage 2 -> benchmarks, with intervals",
+    "plot": "training curves of one or more runs from trainer_state.json alone (no model)",
 }
 
 

@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional, Union
 
 from llava_contrastive.core.files import atomic_write_json
 
-FORMAT_VERSION = 5  # bump whenever generated content changes (3: benchmarks + large stage-2 mix; 4-5: v1 tokenizer corpus without newline pieces, 512 positions)
+FORMAT_VERSION = 6  # bump whenever generated content changes (3: benchmarks + large stage-2 mix; 4-5: v1 tokenizer corpus without newline pieces, 512 positions; 6: colour-led stage-2 mix, GQA phrasings)
 STAMP_NAME = "STAMP.json"
 
 DEFAULT_SETTINGS: Dict[str, Any] = {

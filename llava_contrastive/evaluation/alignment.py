@@ -8,7 +8,8 @@ the run's ``contrastive_config.json`` when a run directory is given).
 
 Outputs in ``--output_dir``: ``report.json`` (metrics, settings, paths), ``similarity_hist.png``,
 ``embedding_projection.png`` and, when the run's ``trainer_state.json`` is found,
-``training_curves.png``. ``evaluate(...)`` is the programmatic entry point.
+``training_curves.png`` (drawn by ``evaluation/plot.py``); each figure's title names the run.
+``evaluate(...)`` is the programmatic entry point.
 
 Each host supplies the model and the data (``hosts/llava/eval.py``: ``llava-contrastive eval``;
 ``hosts/hf/eval.py``: ``llava-contrastive eval --host hf``); nothing here imports a host package.
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from llava_contrastive.core.config import ContrastiveArguments
+from llava_contrastive.evaluation import plot as curves
 from llava_contrastive.training.checkpointing import (HEAD_CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE, checkpoint_dirs,
                                                       last_complete_checkpoint)
 
@@ -160,16 +162,20 @@ def metrics_from_embeddings(emb: Embedded) -> Dict[str, float]:
 
 
 # ---- figures -------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = curves._plt  # matplotlib's pyplot on the Agg backend
 
 
-def plot_similarity_hist(image, text, path: Path, max_negatives: int = 200_000, seed: int = 0) -> None:
+def run_name(run_dir: Optional[Path], output_dir: Optional[str] = None) -> str:
+    """What the figures' titles call the run: its directory (``run/checkpoint-N`` for a checkpoint),
+    else the evaluation's output directory."""
+    if run_dir is not None:
+        return curves.dir_label(Path(run_dir))
+    return curves.dir_label(Path(output_dir)) if output_dir else "run"
+
+
+def plot_similarity_hist(image, text, path: Path, max_negatives: int = 200_000, seed: int = 0,
+                         title: Optional[str] = None):
+    """Histogram of positive vs negative pair cosines, saved to ``path``; returns the Figure."""
     import torch
     import torch.nn.functional as F
 
@@ -190,12 +196,16 @@ def plot_similarity_hist(image, text, path: Path, max_negatives: int = 200_000, 
     ax.set_ylabel("density")
     ax.set_title(f"Held-out image-text cosine, n={n}")
     ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def plot_projection(image, text, gap: float, path: Path, max_points: int = 2000) -> None:
+def plot_projection(image, text, gap: float, path: Path, max_points: int = 2000, title: Optional[str] = None):
+    """2-D PCA of both modalities' normalised embeddings, saved to ``path``; returns the Figure."""
     import torch
     import torch.nn.functional as F
 
@@ -216,39 +226,34 @@ def plot_projection(image, text, gap: float, path: Path, max_points: int = 2000)
     ax.set_ylabel("PC 2")
     ax.set_title(f"PCA of normalised embeddings, modality gap = {gap:.3f}")
     ax.legend(loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def load_log_history(trainer_state: Path) -> list:
     return [h for h in json.loads(Path(trainer_state).read_text()).get("log_history", []) if "step" in h]
 
 
-def plot_training_curves(trainer_state: Path, path: Path) -> bool:
-    logs = [h for h in load_log_history(trainer_state) if "loss" in h]
-    if not logs:
+def training_curves_figure(trainer_state: Path, title: Optional[str] = None):
+    """The Figure of ``training_curves.png`` (None when nothing is logged): NTP loss, contrastive loss,
+    learning rate, logit scale, in-batch accuracy, each panel on its own y-axis (evaluation/plot.py);
+    the title names the run (``title``, default the trainer_state's directory)."""
+    run = curves.Run(title or curves.dir_label(Path(trainer_state).parent), Path(trainer_state),
+                     load_log_history(trainer_state))
+    steps = sum(1 for h in run.logs if "loss" in h)
+    return curves.draw([run], curves.RUN_PANELS, f"Training curves: {run.label} ({steps} logged steps)")
+
+
+def plot_training_curves(trainer_state: Path, path: Path, title: Optional[str] = None) -> bool:
+    """``training_curves_figure`` saved to ``path``; False (nothing written) when nothing is logged."""
+    fig = training_curves_figure(trainer_state, title)
+    if fig is None:
         return False
-    plt = _plt()
-    step = [h["step"] for h in logs]
-    panels = [("loss", ["loss", "ntp_loss", "contrastive_loss"]), ("logit scale", ["logit_scale"]),
-              ("in-batch accuracy", ["i2t_acc", "t2i_acc"])]
-    panels = [(t, [k for k in ks if any(k in h for h in logs)]) for t, ks in panels]
-    panels = [(t, ks) for t, ks in panels if ks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels):
-        for k in ks:
-            pts = [(h["step"], h[k]) for h in logs if k in h and h[k] is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel(title)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Training curves ({len(step)} logged steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves.save(fig, path)
     return True
 
 
@@ -306,11 +311,13 @@ def finish_report(emb: Embedded, cargs: ContrastiveArguments, settings: Dict[str
         out.mkdir(parents=True, exist_ok=True)
         figs = {}
         if figures:
-            plot_similarity_hist(emb.image, emb.text, out / "similarity_hist.png")
+            name = run_name(run_dir, output_dir)
+            plot_similarity_hist(emb.image, emb.text, out / "similarity_hist.png", title=name)
             figs["similarity_hist"] = str(out / "similarity_hist.png")
-            plot_projection(emb.image, emb.text, report["modality_gap"], out / "embedding_projection.png")
+            plot_projection(emb.image, emb.text, report["modality_gap"], out / "embedding_projection.png", title=name)
             figs["embedding_projection"] = str(out / "embedding_projection.png")
-            if trainer_state_path is not None and plot_training_curves(trainer_state_path, out / "training_curves.png"):
+            if trainer_state_path is not None and plot_training_curves(trainer_state_path, out / "training_curves.png",
+                                                                       title=name):
                 figs["training_curves"] = str(out / "training_curves.png")
         report["paths"]["figures"] = figs
         report["eval_seconds"] = round(time.time() - t0, 2)

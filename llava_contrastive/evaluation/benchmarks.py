@@ -84,33 +84,28 @@ BENCH_TEMPLATES: Dict[str, List[str]] = {
     "mmb_count": ["How many shapes does the picture contain?"],
     "mmb_relation": ["Which shape is placed directly {rel} the {c} {s} in the picture?"],
     "mmb_caption": ["Which caption fits the picture best?"],
-    "gqa_color": ["What is the color of the {s}?"],
-    "gqa_color_at": ["The shape in the {pos} quarter has what color?"],
-    "gqa_shape": ["Which type of shape is in the {pos} quarter of the picture?"],
-    "gqa_count_color": ["How many {c} things are in the picture?"],
-    "gqa_count": ["What is the number of shapes in the picture?"],
-    "gqa_position_lr": ["Is the {c} {s} on the left or on the right side?"],
-    "gqa_position_tb": ["Is the {c} {s} at the top or at the bottom?"],
-    "gqa_size": ["What size is the {c} {s}?"],
-    "gqa_exist": ["Are there any {s}s in the picture?"],
-    "sides": ["A {s} has how many sides?", "What is the number of sides of a {s}?",
-              "How many straight edges make up a {s}?", "Tell the count of edges of a {s}."],
-    "corners": ["What is the number of corners of a {s}?", "A {s} has how many corners?",
-                "How many pointed corners can a {s} show?", "Give the corner count of a {s}."],
-    "mix": ["If you combine {a} paint with {b} paint, what color results?", "{a} and {b} mixed together make what color?",
-            "Blending {a} into {b} produces what color?", "What color comes out when {a} meets {b} on a palette?"],
-    "filled": ["Is the interior of a {s} solid?", "Would a {s} be drawn solid inside?",
-               "Does a {s} have paint all the way through its middle?", "Is a {s} solid rather than hollow?"],
-    "bigger": ["Between a small {s} and a large {s}, which one is bigger?", "Which {s} takes more space, a small one or a large one?",
-               "Of a large {s} and a small {s}, which has more area?", "Which size of {s} covers more of a page, small or large?"],
-    "thing_colour": ["What color would you expect {thing} to be?", "Typically {thing} is what color?",
-                     "In most pictures {thing} is shown in what color?", "Name the usual color of {thing}."],
-    "next_number": ["Which number comes right after {n}?", "Counting upward, what follows {n}?",
-                    "What is {n} plus one?", "Add one to {n}: what do you get?"],
-    "opposite": ["Which corner lies diagonally across from the {pos} corner?", "What is the corner facing the {pos} corner diagonally?",
-                 "Going diagonally from the {pos} corner, which corner do you reach?", "The {pos} corner is diagonal to which corner?"],
+    # GQA: each phrasing keeps the question word of a training kind and adds what training never says
+    # ("in this picture", "drawn"): a 166k-parameter LLM does not map unseen paraphrases
+    # ("What is the number of shapes ...?") to a question type, so those measured language, not grounding.
+    # GQA: a held-out opening before a question whose end a training kind shares (the tiny LLM reads the
+    # question type from its last words: unseen paraphrases such as "What is the number of shapes in
+    # the picture?" were answered "yes", so they measured paraphrasing, not grounding).
+    "gqa_color": ["In this picture, what color is the {s}?", "Looking at this picture, what colour is the {s}?"],
+    "gqa_color_at": ["In this picture, what color is the object in the {pos} corner?",
+                     "Looking at this picture, what colour is the object in the {pos} corner?"],
+    "gqa_shape": ["In this picture, what shape is in the {pos} corner?", "Looking at this picture, what shape is in the {pos} corner?"],
+    "gqa_count_color": ["In this picture, how many {c} shapes are there?", "Looking at this picture, how many {c} shapes are there?"],
+    "gqa_count": ["In this picture, how many shapes are there?", "Looking at this picture, how many shapes are there?"],
+    "gqa_where": ["In this picture, in which corner is the {c} {s}?", "Looking at this picture, in which corner is the {c} {s}?"],
+    "gqa_size": ["In this picture, is the {c} {s} small or large?", "Looking at this picture, is the {c} {s} small or large?"],
+    "gqa_exist": ["In this picture, can you see a {s}?", "Looking at this picture, can you see a {s}?"],
 }
 TEXTQA_KINDS: Tuple[str, ...] = ("sides", "corners", "mix", "filled", "bigger", "thing_colour", "next_number", "opposite")
+# Text QA: held-out openings before the stage-2 world-fact questions (same reason as GQA's).
+TEXTQA_OPENINGS: Tuple[str, ...] = ("Here is a question. ", "Quick question: ", "Without a picture: ", "From general knowledge: ")
+BENCH_TEMPLATES.update({
+    k: [o + t[0].lower() + t[1:].replace("{colour}", "color") for o in TEXTQA_OPENINGS for t in D.TRAIN_TEMPLATES[k]]
+    for k in TEXTQA_KINDS})
 
 
 def _t(rng: random.Random, kind: str, **slots: str) -> str:
@@ -423,12 +418,8 @@ def gqa_item(rng: random.Random, scene: D.Scene, category: str) -> Optional[Tupl
         return _t(rng, "gqa_count"), str(n), f"There are {n}."
     if category == "position" and named:
         o = rng.choice(named)
-        row, col = D._POS_RC[o.pos]
-        if rng.random() < 0.5:
-            a = "left" if col == 0 else "right"
-            return _t(rng, "gqa_position_lr", c=o.color, s=o.shape), a, f"It is on the {a}."
-        a = "top" if row == 0 else "bottom"
-        return _t(rng, "gqa_position_tb", c=o.color, s=o.shape), a, f"It is at the {a}."
+        p = D.POSITIONS[o.pos]
+        return _t(rng, "gqa_where", c=o.color, s=o.shape), p, f"It is in the {p} corner."
     if category == "size" and named:
         o = rng.choice(named)
         return _t(rng, "gqa_size", c=o.color, s=o.shape), o.size, f"It is {o.size}."

@@ -60,6 +60,26 @@ OUTPUT_FIELDS = ("ntp_loss", "contrastive_loss", "logit_scale",
                  "i2t_accuracy", "t2i_accuracy")  # in-batch, this rank's micro-batch
 
 
+def normal_init_(module: torch.nn.Module, std: float, seed: int) -> None:
+    """Every Linear of ``module``: weights ~ N(0, std), zero biases, from a generator seeded with
+    ``seed`` (the global RNG stream is left as it was). Under ZeRO-3 the partitioned weights are
+    gathered, set on rank 0 and scattered."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = [p for p in module.parameters()]
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                w = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float32) * std
+                layer.weight.copy_(w.to(layer.weight.dtype))
+                if layer.bias is not None:
+                    layer.bias.zero_()
+
+
 def contrastive_output_class(base: type, name: str, module: str) -> type:
     """``base`` (a transformers ModelOutput dataclass) plus the OUTPUT_FIELDS, all defaulting to None."""
     fields = [(f, Optional[torch.FloatTensor], dataclasses.field(default=None)) for f in OUTPUT_FIELDS]

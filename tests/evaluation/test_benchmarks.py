@@ -152,7 +152,7 @@ def test_gqa_and_textqa(built):
     for q in qs:
         a = ann[q["question_id"]]
         assert q["text"] == a["question"] + "\n" + B.SHORT_PROMPT
-        assert re.fullmatch(r"[a-z]+|\d", a["answer"]) and (f.image_folder / q["image"]).is_file()
+        assert re.fullmatch(r"[a-z]+|\d|(top|bottom) (left|right)", a["answer"]) and (f.image_folder / q["image"]).is_file()
         assert a["imageId"] + ".jpg" == q["image"]
     texts = {}
     for split in B.SPLITS:
@@ -292,5 +292,5 @@ def test_large_mix(built):
     c = collections.Counter(yn)
     assert abs(c["yes"] - c["no"]) < 0.1 * len(yn)
     assert set(mc) == set("ABCD") and max(collections.Counter(mc).values()) < 0.3 * len(mc)
-    assert len(short) > 0.4 * n_turns and len(mc) > 0.15 * n_turns
-    assert colour_turns > 0.3 * n_turns  # colour is supervised heavily
+    assert len(short) > 0.4 * n_turns and len(mc) > 0.1 * n_turns
+    assert colour_turns > 0.45 * n_turns  # colour leads the mix (dev/tiny_data.py LARGE_MIX_WEIGHTS says why)

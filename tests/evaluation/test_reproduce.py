@@ -150,6 +150,22 @@ def test_markdown_and_figure_render_from_report_json(tmp_path):
     assert "| joint | 0.2500 | 0.1250 | 0.5000 | 2.0000 |" in md
     assert "all cells 45 s of work; first cell start to last cell end 40 s" in md
     assert R.plot_report(r, tmp_path / "report.png") and (tmp_path / "report.png").stat().st_size > 1000
+    assert "## Every arm against" not in md  # one comparison: no summary table
+
+
+def test_summary_table_lists_every_arm_against_the_baseline(tmp_path):
+    r = json.loads(json.dumps(fake_report(tmp_path)))
+    second = json.loads(json.dumps(r["comparisons"][0]))
+    second["arm_b"] = "w1"
+    second["diff"]["average"] = {"estimate": -1.25, "low": -2.5, "high": 0.5}
+    r["comparisons"].append(second)
+    md = R.render_markdown(r)
+    d = r["comparisons"][0]["diff"]
+    row = "| joint | " + " | ".join(f"{d[x]['estimate']:+.1f} [{d[x]['low']:+.1f}, {d[x]['high']:+.1f}]"
+                                    for x in (*r["comparisons"][0]["benchmarks"], "average")) + " |"
+    assert "## Every arm against ntp_only" in md and "| arm | gqa | pope | **average** |" in md and row in md
+    summary = md.split("## Every arm against ntp_only")[1].split("\n## ")[0]
+    assert summary.count("| w1 | ") == 1 and summary.count("| joint | ") == 1 and "-1.2 [-2.5, +0.5] |" in summary
 
 
 @pytest.mark.slow

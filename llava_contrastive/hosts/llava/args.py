@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 import torch
 
 VISION_TOWER_DTYPES = ("auto", "float16", "bfloat16", "float32")
+PROJECTOR_INITS = ("upstream", "normal")
 
 
 @dataclass
@@ -14,6 +15,11 @@ class HostArguments:
     nonfinite_max_skips: int = field(default=0, metadata={"help": (
         "non-finite loss or logit scale: the run stops naming the step and values, unless fewer than this many "
         "have occurred, in which case that micro-batch contributes a zero gradient (counted, logged)")})
+    mm_projector_init: str = field(default="upstream", metadata={"help": (
+        "stage-1 start of the projector: upstream = nn.Linear's defaults (kaiming-uniform weights, uniform "
+        "biases) | normal = weights ~ N(0, --mm_projector_init_std), zero biases, drawn from --seed. Only for a "
+        "new projector (refused with --pretrain_mm_mlp_adapter)")})
+    mm_projector_init_std: float = field(default=0.02, metadata={"help": "std of --mm_projector_init normal"})
 
 
 def vision_tower_dtype(choice: str, bf16: bool, cuda: bool) -> torch.dtype:
@@ -26,3 +32,14 @@ def vision_tower_dtype(choice: str, bf16: bool, cuda: bool) -> torch.dtype:
     if upstream is torch.float16 and not cuda:  # CPU-only: fp16 is emulated there
         return torch.float32
     return upstream
+
+
+def check_projector_init(choice: str, std: float, pretrained_adapter) -> None:
+    """Raise ValueError for a bad --mm_projector_init request."""
+    if choice not in PROJECTOR_INITS:
+        raise ValueError(f"--mm_projector_init {choice!r} is not one of {', '.join(PROJECTOR_INITS)}")
+    if choice != "upstream" and pretrained_adapter:
+        raise ValueError(f"--mm_projector_init {choice} would overwrite the projector loaded from "
+                         f"--pretrain_mm_mlp_adapter {pretrained_adapter}; drop one of the two")
+    if std <= 0:
+        raise ValueError(f"--mm_projector_init_std must be > 0, got {std}")

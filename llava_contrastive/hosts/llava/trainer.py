@@ -21,8 +21,9 @@ from transformers import Trainer
 
 from llava_contrastive.core.config import ContrastiveArguments
 from llava_contrastive.core.head import find_contrastive_model
-from llava_contrastive.hosts.common import ContrastiveTrainerMixin
+from llava_contrastive.hosts.common import ContrastiveTrainerMixin, normal_init_
 from llava_contrastive.hosts.llava import checkpoint as ckpt
+from llava_contrastive.hosts.llava.args import check_projector_init
 from llava_contrastive.hosts.llava.compat import LLaVATrainer
 
 logger = logging.getLogger("llava_contrastive")
@@ -33,6 +34,7 @@ class ContrastiveLLaVATrainer(ContrastiveTrainerMixin, LLaVATrainer):
         cargs = ContrastiveArguments.from_object(args) if args is not None else ContrastiveArguments(contrastive_weight=0)
         target = find_contrastive_model(model)
         _set_vision_tower_dtype(model, args)
+        _init_projector(model, args)
         if cargs.enabled:
             if target is None:
                 raise TypeError("--contrastive_weight > 0 needs ContrastiveLlavaForCausalLM "
@@ -126,6 +128,18 @@ def _numpy_rng_globals() -> list:
     safe += [getattr(np.dtypes, n) for n in ("UInt32DType", "Float64DType", "Int64DType")
              if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
     return safe
+
+
+def _init_projector(model, args) -> None:
+    """--mm_projector_init normal: restart the new stage-1 projector from N(0, std) (upstream's
+    builder gave it nn.Linear's defaults)."""
+    choice = getattr(args, "mm_projector_init", "upstream")
+    adapter = getattr(getattr(model, "config", None), "pretrain_mm_mlp_adapter", None)
+    check_projector_init(choice, getattr(args, "mm_projector_init_std", 0.02), adapter)
+    if choice == "normal" and model is not None:
+        projector = model.get_model().mm_projector
+        normal_init_(projector, args.mm_projector_init_std, args.seed)
+        logger.info("projector: normal init, std %g, seed %d", args.mm_projector_init_std, args.seed)
 
 
 def _set_vision_tower_dtype(model, args) -> None:
