@@ -196,12 +196,8 @@ def plot_similarity_hist(image, text, path: Path, max_negatives: int = 200_000, 
     ax.set_ylabel("density")
     ax.set_title(f"Held-out image-text cosine, n={n}")
     ax.legend()
-    if title:
-        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+    return curves.save(fig, path, title)
 
 
 def plot_projection(image, text, gap: float, path: Path, max_points: int = 2000, title: Optional[str] = None):
@@ -226,12 +222,8 @@ def plot_projection(image, text, gap: float, path: Path, max_points: int = 2000,
     ax.set_ylabel("PC 2")
     ax.set_title(f"PCA of normalised embeddings, modality gap = {gap:.3f}")
     ax.legend(loc="best", fontsize=8)
-    if title:
-        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+    return curves.save(fig, path, title)
 
 
 def load_log_history(trainer_state: Path) -> list:

@@ -154,11 +154,17 @@ def draw(runs: Sequence[Run], panels: Sequence[Panel], title: str):
     return fig
 
 
-def save(fig, path: Path) -> None:
+def save(fig, path: Path, title: Optional[str] = None):
+    """Title (suptitle) and lay out ``fig`` when ``title`` is given, write it to ``path`` and close it;
+    returns ``fig``."""
     plt = _plt()
+    if title:
+        fig.suptitle(title)
+        fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def compare_title(runs: Sequence[Run]) -> str:

@@ -565,11 +565,9 @@ def plot_report(r: Mapping[str, Any], path: Path) -> bool:
     """Per-benchmark score of each arm and the paired difference, with 95% intervals."""
     if not r["comparisons"]:
         return False
-    import matplotlib
+    from llava_contrastive.evaluation import plot as curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = curves._plt()
     comps = r["comparisons"]
     keys = [*comps[0]["benchmarks"], comps[0]["average_key"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -600,8 +598,7 @@ def plot_report(r: Mapping[str, Any], path: Path) -> bool:
     ax2.set_title(f"difference vs {comps[0]['arm_a']} ({len(comps[0]['seeds'])} seed(s), 95% interval)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves.save(fig, path)
     return True
 
 
