@@ -28,6 +28,7 @@ VERBS: Dict[str, Dict[str, str]] = {
     "score": {"": "llava_contrastive.evaluation.score"},
     "reproduce": {"": "llava_contrastive.evaluation.reproduce"},
     "plot": {"": "llava_contrastive.evaluation.plot"},
+    "headline": {"": "llava_contrastive.evaluation.headline"},
 }
 SUMMARY = {
     "train": "stage 1: NTP + contrastive projector alignment (upstream's train flags + --contrastive_*)",
@@ -45,6 +46,7 @@ SUMMARY = {
     "score": "score a benchmark answers file (pope mme mmbench gqa textqa) -> metrics JSON",
     "reproduce": "two-stage reproduction: NTP-only vs joint stage 1 -> stage 2 -> benchmarks, with intervals",
     "plot": "training curves of one or more runs from trainer_state.json alone (no model)",
+    "headline": "write / check the README's headline numbers from the default run's report.json",
 }
 
 
@@ -108,6 +110,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"llava-contrastive: {err}\n\n{usage()}\n")
         return 2
     sys.argv = [f"llava-contrastive {verb}"] + rest
+    if verb == "train" and not any(a in ("-h", "--help") for a in rest):  # user errors before torch loads
+        from llava_contrastive.training.preflight import run_preflight
+
+        run_preflight(rest, host=host or "llava")
     code = importlib.import_module(module).main(rest)
     return int(code or 0)
 

@@ -24,7 +24,7 @@ if [[ -z "${MODEL:-}" ]]; then
     NO_EVAL=1 bash "$repo/scripts/pretrain_contrastive.sh"
   fi
   OUTPUT_DIR="${OUTPUT_DIR:-$repo/checkpoints/tiny-finetune-$([[ "${FULL_FINETUNE:-0}" == 1 ]] && echo full || echo lora)}"
-  NUM_GPUS="${NUM_GPUS:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"; PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-$(( GLOBAL_BATCH / NUM_GPUS ))}"
+  NUM_GPUS="${NUM_GPUS:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-8}"; PER_DEVICE_DEFAULT=$GLOBAL_BATCH
   REPORT_TO="${REPORT_TO:-none}"; MAX_LENGTH="${MAX_LENGTH:-256}"; PRECISION=(); GRAD_CKPT=False
   MAX_STEPS=(--max_steps "${MAX_STEPS:-20}"); LORA_R="${LORA_R:-8}"; LORA_ALPHA="${LORA_ALPHA:-16}"
   [[ "$NUM_GPUS" -gt 1 ]] && DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero3.json}"
@@ -32,15 +32,13 @@ if [[ -z "${MODEL:-}" ]]; then
 else
   : "${VISION_TOWER:?set VISION_TOWER}" "${PROJECTOR_FILE:?set PROJECTOR_FILE (stage-1 mm_projector.bin)}"
   : "${DATA_PATH:?set DATA_PATH}" "${IMAGE_FOLDER:?set IMAGE_FOLDER}" "${OUTPUT_DIR:?set OUTPUT_DIR}"
-  NUM_GPUS="${NUM_GPUS:-$(default_num_gpus)}"; GLOBAL_BATCH="${GLOBAL_BATCH:-128}"; PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-16}"
+  NUM_GPUS="${NUM_GPUS:-$(default_num_gpus)}"; GLOBAL_BATCH="${GLOBAL_BATCH:-128}"; PER_DEVICE_DEFAULT=16
   REPORT_TO="${REPORT_TO:-wandb}"; MAX_LENGTH="${MAX_LENGTH:-2048}"; PRECISION=(--bf16 True --tf32 True); GRAD_CKPT=True
   MAX_STEPS=(); LORA_R="${LORA_R:-128}"; LORA_ALPHA="${LORA_ALPHA:-256}"
   DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero3.json}"; WORKERS="${WORKERS:-4}"
 fi
 resolve_nodes
-ranks=$(( NUM_GPUS * NNODES ))
-ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
-[[ "$ACCUM" -ge 1 ]] || { echo "GLOBAL_BATCH too small for $ranks ranks x $PER_DEVICE_BATCH" >&2; exit 2; }
+plan_batch finetune "$PER_DEVICE_DEFAULT" 0
 if [[ "${FULL_FINETUNE:-0}" == 1 ]]; then
   MODE=(); LR="${LR:-2e-5}"
 else

@@ -9,7 +9,10 @@
 #   IMAGE_FOLDER=./playground/data/LLaVA-Pretrain/images  OUTPUT_DIR=./checkpoints/llava-v1.5-13b-pretrain-contrastive
 #   NUM_GPUS=8  NNODES=1  GLOBAL_BATCH=256  PER_DEVICE_BATCH=32  REPORT_TO=wandb  SAVE_STEPS=200
 #   DEEPSPEED_CONFIG=scripts/zero2.json  PROJECTOR=mlp2x_gelu  CONTRASTIVE_WEIGHT=...  PYTHON=python
-#   MAX_STEPS=N (stop after N optimizer steps; default one epoch)  HOSTFILE (NNODES follows it)
+#   MAX_STEPS=N (stop after N optimizer steps; default one epoch)
+# Several nodes: HOSTFILE (DeepSpeed), SLURM (sbatch), or NNODES + NODE_RANK + MASTER_ADDR (torchrun on
+# each node); LAUNCHER picks one explicitly and DRY_RUN=1 prints the plan and command (scripts/lib.sh).
+# PER_DEVICE_BATCH defaults to 32, or GLOBAL_BATCH / ranks when that is smaller.
 # Extra arguments are passed to the trainer (e.g. --contrastive_loss siglip).
 # Re-running the same command after an interruption resumes from the last checkpoint.
 set -euo pipefail
@@ -19,7 +22,7 @@ if [[ -z "${MODEL:-}" ]]; then
   tiny_assets
   MODEL="$TINY_LLM"; VISION_TOWER="$TINY_VISION"; DATA_PATH="$TINY_DATA"; IMAGE_FOLDER="$TINY_IMAGES"
   OUTPUT_DIR="${OUTPUT_DIR:-$repo/checkpoints/tiny-pretrain-contrastive}"
-  NUM_GPUS="${NUM_GPUS:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-32}"; PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-$(( GLOBAL_BATCH / NUM_GPUS ))}"
+  NUM_GPUS="${NUM_GPUS:-1}"; GLOBAL_BATCH="${GLOBAL_BATCH:-32}"; PER_DEVICE_DEFAULT=$GLOBAL_BATCH
   REPORT_TO="${REPORT_TO:-none}"; SAVE_STEPS="${SAVE_STEPS:-100}"; MAX_LENGTH="${MAX_LENGTH:-128}"
   PRECISION=(); GRAD_CKPT=False; LR="${LR:-1e-3}"
   [[ "$NUM_GPUS" -gt 1 ]] && DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero2.json}"
@@ -27,20 +30,14 @@ if [[ -z "${MODEL:-}" ]]; then
 else
   : "${VISION_TOWER:?set VISION_TOWER (e.g. openai/clip-vit-large-patch14-336)}"
   : "${DATA_PATH:?set DATA_PATH}" "${IMAGE_FOLDER:?set IMAGE_FOLDER}" "${OUTPUT_DIR:?set OUTPUT_DIR}"
-  NUM_GPUS="${NUM_GPUS:-$(default_num_gpus)}"; GLOBAL_BATCH="${GLOBAL_BATCH:-256}"; PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-32}"
+  NUM_GPUS="${NUM_GPUS:-$(default_num_gpus)}"; GLOBAL_BATCH="${GLOBAL_BATCH:-256}"; PER_DEVICE_DEFAULT=32
   REPORT_TO="${REPORT_TO:-wandb}"; SAVE_STEPS="${SAVE_STEPS:-200}"; MAX_LENGTH="${MAX_LENGTH:-2048}"
   PRECISION=(--bf16 True --tf32 True); GRAD_CKPT=True; LR="${LR:-1e-3}"
   DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-$repo/scripts/zero2.json}"
   TINY=0
 fi
 resolve_nodes
-ranks=$(( NUM_GPUS * NNODES ))
-ACCUM=$(( GLOBAL_BATCH / (ranks * PER_DEVICE_BATCH) ))
-if [[ "$ACCUM" -lt 1 || $(( ACCUM * ranks * PER_DEVICE_BATCH )) -ne "$GLOBAL_BATCH" ]]; then
-  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of ranks ($ranks) x PER_DEVICE_BATCH ($PER_DEVICE_BATCH)" >&2; exit 2
-fi
-echo "pretrain_contrastive: $ranks rank(s) x batch $PER_DEVICE_BATCH x accumulation $ACCUM = global $GLOBAL_BATCH;" \
-     "contrastive negatives per sample: $(( ranks * PER_DEVICE_BATCH - 1 )) (gathered over ranks, per micro-batch)" >&2
+plan_batch pretrain_contrastive "$PER_DEVICE_DEFAULT" "$([[ "${CONTRASTIVE_WEIGHT:-1}" == 0 ]] && echo 0 || echo 1)"
 
 ds=(); [[ -n "${DEEPSPEED_CONFIG:-}" ]] && ds=(--deepspeed "$DEEPSPEED_CONFIG")
 steps=(); [[ -n "${MAX_STEPS:-}" ]] && steps=(--max_steps "$MAX_STEPS")   # default: EPOCHS (1) over the data

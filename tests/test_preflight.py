@@ -286,6 +286,53 @@ def test_data_identified_by_content(tree):
     assert "data_fingerprint" in msg
 
 
+def test_model_rebuilt_in_place_refused_naming_its_files(tree):
+    """The same paths holding other weights or another tokenizer (e.g. assets rebuilt) are another model."""
+    (tree / "llm" / "model.safetensors").write_bytes(b"weights v1")
+    (tree / "tower" / "README.md").write_text("notes")
+    start_run(tree)
+    saved = json.loads((tree / "out" / pf.RUN_SETTINGS_FILE).read_text())["compared"]["model_files"]
+    assert set(saved) == {"model_name_or_path", "vision_tower"}  # adapter not given, docs skipped
+    assert saved["model_name_or_path"]["model.safetensors"] == hashlib.sha256(b"weights v1").hexdigest()[:16]
+    assert saved["vision_tower"] == {"config.json": hashlib.sha256(b"{}").hexdigest()[:16]}
+    (tree / "tower" / "README.md").write_text("other notes")
+    assert check(tree) == []  # docs do not make another model
+    (tree / "llm" / "model.safetensors").write_bytes(b"weights v2")
+    (tree / "llm" / "tokenizer.json").write_text("{}")
+    msg = only(check(tree), "error")
+    assert "model files differ (--model_name_or_path: model.safetensors changed; tokenizer.json added)" in msg
+    assert "--overwrite_output_dir True" in msg
+
+
+def test_settings_of_an_older_version_without_model_files_still_resume(tree):
+    start_run(tree)
+    path = tree / "out" / pf.RUN_SETTINGS_FILE
+    saved = json.loads(path.read_text())
+    del saved["compared"]["model_files"]
+    path.write_text(json.dumps(saved))
+    (tree / "llm" / "config.json").write_text('{"hidden_size": 8}')
+    assert check(tree) == []
+
+
+def test_large_model_files_are_identified_by_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(pf, "FULL_HASH_LIMIT", 64)
+    monkeypatch.setattr(pf, "SAMPLE_BYTES", 8)
+    p = tmp_path / "w.bin"
+    data = bytearray(range(200))
+    p.write_bytes(bytes(data))
+    first = pf.content_digest(str(p))
+    assert first.startswith("sampled:")
+    data[100] ^= 1  # inside the middle sample
+    p.write_bytes(bytes(data))
+    assert pf.content_digest(str(p)) != first
+    data[100] ^= 1
+    data[50] ^= 1  # between the samples: not seen (the price of not reading 26 GB)
+    p.write_bytes(bytes(data))
+    assert pf.content_digest(str(p)) == first
+    p.write_bytes(bytes(data) + b"x")  # a size change is always seen
+    assert pf.content_digest(str(p)) != first
+
+
 def test_fingerprint_cache_by_size_and_mtime(tmp_path):
     p = tmp_path / "d.json"
     p.write_text("[1, 2]")

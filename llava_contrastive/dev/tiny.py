@@ -369,6 +369,70 @@ def build_tiny_assets(
     return paths
 
 
+def family_llm_dir(assets: TinyAssets, family: str) -> Path:
+    """The tiny LLM of ``family``: the default Llama (``models/vicuna-tiny``) or ``models/<family>-tiny``."""
+    return assets.llm_dir if family == "llama" else assets.root / "models" / f"{family}-tiny"
+
+
+def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool = False,
+                     verbose: bool = False) -> Path:
+    """Build (or reuse) the tiny LLM of ``family`` beside the default assets: the same tokenizer, the
+    same caption-language corpus (read back from the assets' pretrain and instruction JSON), the same
+    shape and training knobs as the assets' Llama, pretrained from its own initialisation; cached with
+    a STAMP.json of its own (keyed by the assets' stamp, the family and the seed)."""
+    import json as _json
+
+    from llava_contrastive.dev import tiny_models as M
+
+    if family == "llama":
+        return assets.llm_dir
+    if family not in M.LLM_FAMILIES:
+        raise ValueError(f"unknown LLM family {family!r}: choose one of {', '.join(M.LLM_FAMILIES)}")
+    base = read_stamp(assets.root)
+    if base is None:
+        raise FileNotFoundError(f"{assets.root}: no tiny assets (build them first: python -m llava_contrastive.tiny)")
+    out = family_llm_dir(assets, family)
+    key = {"family": family, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
+    stamp = out / STAMP_NAME
+    if not force and stamp.is_file() and {k: v for k, v in _json.loads(stamp.read_text()).items()
+                                          if k != "metrics"} == key:
+        return out
+    log = print if verbose else (lambda msg: None)
+    import torch
+    from transformers import AutoTokenizer
+
+    s = base["settings"]
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
+        tok.save_pretrained(str(tmp))
+        train = _json.loads(assets.pretrain_json.read_text())
+        instruct = _json.loads(assets.instruct_json.read_text())
+        texts = [r["conversations"][1]["value"] + "\n" for r in train]
+        texts += [c["value"] + "\n" for r in instruct for c in r["conversations"] if c["from"] == "gpt"]
+        held = [r["conversations"][1]["value"] + "\n" for r in _json.loads(assets.heldout_json.read_text())]
+        log(f"[tiny] llm ({family}, {s['tier']} tier): {s['lm_steps']} steps x {s['lm_batch_size']} on "
+            f"{len(texts)} texts")
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)  # bit-identical whatever the core count (as the default assets)
+        try:
+            metrics = M.pretrain_llm(tok, texts, tmp, seed, s["lm_steps"], s["lm_batch_size"], s["lm_lr"], log=log,
+                                     shape=s["llm_shape"], heldout_texts=held, family=family)
+        finally:
+            torch.set_num_threads(prev)
+        _write_json_atomic(tmp / STAMP_NAME, {**key, "metrics": metrics})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"[tiny] {family} LLM: {out} (final LM loss {metrics['lm_final_loss']}, held-out caption loss "
+        f"{metrics.get('lm_heldout_loss')})")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llava_contrastive.tiny", description=__doc__.split("\n")[0])
     ap.add_argument("--tier", choices=sorted(TIER_SHAPES), default=DEFAULT_TIER,
@@ -378,6 +442,9 @@ def main(argv=None) -> int:
                     help="output directory (default: playground/tiny, or playground/tiny-small for --tier small)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if STAMP.json matches")
+    ap.add_argument("--llm", default="llama", choices=["llama", "mistral"],
+                    help="also build the tiny LLM of this family beside the default Llama "
+                         "(models/<family>-tiny: same tokenizer, corpus and shape, its own pretraining)")
     args = ap.parse_args(argv)
     t0 = time.time()
     root = Path(TIER_ROOTS[args.tier] if args.root is None else args.root).absolute()
@@ -391,6 +458,9 @@ def main(argv=None) -> int:
     m = st.get("metrics", {})
     if m:
         print("  metrics: " + ", ".join(f"{k}={v}" for k, v in sorted(m.items())))
+    if args.llm != "llama":
+        llm = build_family_llm(paths, args.llm, seed=args.seed, force=args.force, verbose=True)
+        print(f"  {args.llm + '_llm_dir':22s} {llm}")
     return 0
 
 

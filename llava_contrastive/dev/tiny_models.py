@@ -94,18 +94,24 @@ def _default_shape(part: str) -> Dict[str, int]:
 # ----------------------------------------------------------------------------- LLM
 
 
-def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None):
-    """LlamaConfig of a tiny LLM; ``shape`` (hidden/intermediate size, layers, heads) defaults to the tiny tier."""
-    from transformers import LlamaConfig
+LLM_FAMILIES = ("llama", "mistral")
 
+
+def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: str = "llama"):
+    """Config of a tiny LLM of ``family`` (LlamaConfig, or MistralConfig: grouped-query attention with
+    half the key/value heads and a sliding window, as Mistral-7B); ``shape`` (hidden/intermediate size,
+    layers, heads) defaults to the tiny tier."""
+    from transformers import LlamaConfig, MistralConfig
+
+    if family not in LLM_FAMILIES:
+        raise ValueError(f"unknown LLM family {family!r}: choose one of {', '.join(LLM_FAMILIES)}")
     sh = dict(_default_shape("llm"), **(shape or {}))
-    return LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=sh["hidden_size"],
         intermediate_size=sh["intermediate_size"],
         num_hidden_layers=sh["num_hidden_layers"],
         num_attention_heads=sh["num_attention_heads"],
-        num_key_value_heads=sh["num_attention_heads"],
         max_position_embeddings=512,  # stage 2's v1 chat frame + 16 image tokens + 2-3 turns
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
@@ -114,6 +120,10 @@ def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None):
         pad_token_id=0,
         torch_dtype="float32",
     )
+    if family == "mistral":
+        return MistralConfig(**common, num_key_value_heads=max(1, sh["num_attention_heads"] // 2),
+                             sliding_window=256)
+    return LlamaConfig(**common, num_key_value_heads=sh["num_attention_heads"])
 
 
 def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -134,16 +144,17 @@ def pretrain_llm(
     log: Log = _noop,
     shape: Optional[Dict[str, int]] = None,
     heldout_texts: Sequence[str] = (),
+    family: str = "llama",
 ) -> Dict[str, float]:
-    """Pretrain a fresh LlamaForCausalLM of ``shape`` as an LM on ``texts``; save it to ``llm_dir``.
+    """Pretrain a fresh causal LM of ``family`` and ``shape`` on ``texts``; save it to ``llm_dir``.
 
     Returns the final training loss and, with ``heldout_texts``, the mean token loss on them.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = llm_config(len(tok), shape)
-    model = LlamaForCausalLM(cfg)
+    cfg = llm_config(len(tok), shape, family)
+    model = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family](cfg)
     ids = [tok(t).input_ids[: cfg.max_position_embeddings] for t in texts]  # BOS + text (+ "\n" byte)
     order_rng = random.Random(f"tiny-lm-{seed}")
     order: List[int] = []

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional
 
 from llava_contrastive.core.config import ContrastiveArguments
 from llava_contrastive.evaluation import plot as curves
+from llava_contrastive.evaluation.provenance import compare_with_baseline, load_report, provenance
 from llava_contrastive.training.checkpointing import (HEAD_CONFIG_FILE, HEAD_FILE, PROJECTOR_FILE, checkpoint_dirs,
                                                       last_complete_checkpoint)
 
@@ -279,9 +280,12 @@ def train_summary(trainer_state: Optional[Path]) -> Dict[str, Any]:
 
 def finish_report(emb: Embedded, cargs: ContrastiveArguments, settings: Dict[str, Any], paths: Dict[str, Any], *,
                   run_dir: Optional[Path], trainer_state: Optional[str], output_dir: Optional[str], figures: bool,
-                  t0: float, return_embeddings: bool = False) -> Dict[str, Any]:
+                  t0: float, return_embeddings: bool = False, baseline: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
     """The report of either host: metrics, training summary, ``settings`` / ``paths`` (host-specific
-    entries) completed with the generic ones; figures and report.json in ``output_dir`` when given."""
+    entries) completed with the generic ones, the provenance (seed, versions, git, file digests) and,
+    given a ``baseline`` report (``provenance.load_report``), the metrics side by side; figures and
+    report.json in ``output_dir`` when given."""
     report: Dict[str, Any] = metrics_from_embeddings(emb)
     trainer_state_path = Path(trainer_state) if trainer_state else find_trainer_state(run_dir)
     report.update(train_summary(trainer_state_path))
@@ -298,6 +302,9 @@ def finish_report(emb: Embedded, cargs: ContrastiveArguments, settings: Dict[str
         "trainer_state": str(trainer_state_path) if trainer_state_path else None,
         "output_dir": str(output_dir) if output_dir else None,
     }
+    report["provenance"] = provenance(run_dir, report["paths"])
+    if baseline is not None:
+        report["baseline"] = compare_with_baseline(report, baseline)
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +351,17 @@ def format_report(report: Dict[str, Any]) -> str:
     if "s_per_step" in report:
         rows.append(("train s/step", f"{report['s_per_step']:.3f}"))
     width = max(len(r[0]) for r in rows)
-    lines = ["held-out alignment report", "-" * (width + 24)]
+    seed = (report.get("provenance") or {}).get("seed")
+    lines = ["held-out alignment report" + (f" (training seed {seed})" if seed is not None else ""),
+             "-" * (width + 24)]
     lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    base = report.get("baseline")
+    if base:
+        lines += ["", f"against the baseline {base['path']} (n={base.get('n')}"
+                      + ("" if base.get("same_data") is not False else ", OTHER held-out data") + ")"]
+        for k, m in base["metrics"].items():
+            lines.append(f"{k:<{width}}  {m['this']:.4f} vs {m['baseline']:.4f}  ({m['delta']:+.4f}, "
+                         f"{'better' if m['better'] else 'worse'})")
     return "\n".join(lines)
 
 
@@ -365,6 +381,8 @@ def add_shared_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer_state", default=None, help="trainer_state.json (default: the run's, when found)")
     p.add_argument("--model_max_length", type=int, default=2048,
                    help="counts the image tokens too (576 at 336 px), as upstream's stage 1 (2048)")
+    p.add_argument("--baseline", type=baseline_report, default=None, metavar="REPORT",
+                   help="report.json (or eval dir) of another run: its metrics are set beside these ones")
     p.add_argument("--no_figures", action="store_true")
     p.add_argument("--no_progress", action="store_true")
     for f in dataclasses.fields(ContrastiveArguments):
@@ -384,7 +402,16 @@ def shared_evaluate_kwargs(a: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of either host's ``evaluate`` that come from ``add_shared_args``' flags."""
     return dict(output_dir=a.output_dir, head=a.head, max_samples=a.max_samples, batch_size=a.batch_size,
                 trainer_state=a.trainer_state, model_max_length=a.model_max_length,
-                contrastive=embedding_overrides(a), figures=not a.no_figures, progress=not a.no_progress)
+                contrastive=embedding_overrides(a), figures=not a.no_figures, progress=not a.no_progress,
+                baseline=a.baseline)
+
+
+def baseline_report(path: str) -> Dict[str, Any]:
+    """argparse type of --baseline: the loaded report, or a usage error (exit 2) before any model loads."""
+    try:
+        return load_report(path)
+    except (OSError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _bool(v: str) -> bool:

@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from llava_contrastive.evaluation.provenance import git_info, versions
+
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "DONE.json"
 STARTED = "SETTINGS.json"
@@ -398,22 +400,6 @@ def asset_fingerprint(assets: Assets) -> Dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 ALIGNMENT_KEYS = ("i2t@1", "t2i@1", "modality_gap", "ntp_loss")
-
-
-def git_info() -> Dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
-    except OSError:
-        return {"commit": None, "dirty": None}
-
-
-def versions() -> Dict[str, str]:
-    from llava_contrastive import __version__, host_versions
-
-    return {"llava_contrastive": __version__, "python": sys.version.split()[0], **host_versions()}
 
 
 def _records(path: Path) -> Optional[int]:

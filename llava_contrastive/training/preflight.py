@@ -9,7 +9,8 @@ removal of the old checkpoints, then ``OUTPUT_DIR/run_settings.json`` (rank 0).
 
 Resume safety: a run whose ``--output_dir`` already holds checkpoints resumes from them (upstream's
 ``train()``, the native host's auto-resume). Its settings (``run_settings``: contrastive config,
-model and tower, data fingerprint, global batch, projector, seed, optimiser schedule) must equal the
+model and tower (their paths and the content of their files: a model rebuilt in place is another
+model), data fingerprint, global batch, projector, seed, optimiser schedule) must equal the
 saved ones, or the run is refused before the model loads, naming each difference (old -> new).
 Settings in ``NOT_COMPARED`` may change on resume.
 """
@@ -37,7 +38,15 @@ READY_MARKER = "llava-contrastive pre-flight: checks passed"
 IMAGE_SAMPLE = 50  # records with an image looked at by the "every image missing" diagnosis
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_UPSTREAM_TOWER_PREFIXES = ("openai", "laion")  # llava/model/multimodal_encoder/builder.py accepts these ids
+_UPSTREAM_TOWER_PREFIXES = ("openai", "laion")
+UPSTREAM_FAMILIES = "llama, mistral"  # LLM families the upstream host's contrastive classes cover
+_UPSTREAM_MODEL_TYPES = {"llama", "llava_llama", "llava_llama_contrastive", "mistral", "llava_mistral",
+                         "llava_mistral_contrastive"}
+MPT_UNSUPPORTED = ("upstream's MPT path (LlavaMptForCausalLM) cannot run under this host's pinned stack: its train() "
+                   "sets config.attn_config['attn_impl'], but transformers 4.37 loads MPT checkpoints with its own "
+                   "MptConfig, whose attn_config is not a dict (MosaicML's remote code, which upstream expects, "
+                   "needs triton and network access). Fix: use a Llama or Mistral LLM with this host, or the "
+                   "transformers-native host (--host hf) for other families.")  # llava/model/multimodal_encoder/builder.py accepts these ids
 
 # Flags read here, with the defaults of each host's argument classes (upstream llava.train.train +
 # transformers 4.37 TrainingArguments; the native host's dataclasses + transformers 5). A test
@@ -61,6 +70,10 @@ _INT_FLAGS = {"seed", "per_device_train_batch_size", "gradient_accumulation_step
               "model_max_length", "lora_r", "bits", "vision_feature_layer"}
 _FLOAT_FLAGS = {"learning_rate", "warmup_ratio", "weight_decay", "warmup_steps"}
 _PATH_SETTINGS = {"model_name_or_path", "vision_tower", "llm_dir", "vision_dir", "pretrain_mm_mlp_adapter"}
+FULL_HASH_LIMIT = 16 << 20  # model files up to this size are hashed whole; larger ones by samples
+SAMPLE_BYTES = 1 << 20
+MAX_MODEL_FILES = 200
+_DOC_SUFFIXES = (".md", ".lock")
 
 # Compared on resume (besides every --contrastive_* flag, the data fingerprint and the global batch).
 COMPARED: Dict[str, Tuple[str, ...]] = {
@@ -379,7 +392,8 @@ def check_template(cmd: Command) -> List[Problem]:
 def check_models(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None) -> List[Problem]:
     out: List[Problem] = []
     if cmd.host == "llava":
-        out += check_model_path("model_name_or_path", cmd["model_name_or_path"], env, what="LLM", cwd=cwd)
+        llm = check_model_path("model_name_or_path", cmd["model_name_or_path"], env, what="LLM", cwd=cwd)
+        out += llm or check_upstream_family(cmd["model_name_or_path"], cwd)
         if not cmd["vision_tower"]:
             out.append(error("--vision_tower is not given: a LLaVA run needs a vision tower. Fix: pass e.g. "
                              "--vision_tower openai/clip-vit-large-patch14-336 (or its local directory)."))
@@ -399,6 +413,27 @@ def check_models(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None
         out.append(error(f"--pretrain_mm_mlp_adapter {adapter}: file not found. Fix: point it at the mm_projector.bin "
                          f"of a stage-1 run (OUTPUT_DIR/mm_projector.bin), or drop the flag."))
     return out
+
+
+def check_upstream_family(model: Optional[str], cwd: Optional[str] = None) -> List[Problem]:
+    """Upstream host: an LLM of a family its contrastive classes cover (from a local config.json)."""
+    if not model:
+        return []
+    if "mpt" in model:  # upstream's train() takes its MPT path for any such name
+        return [error(f"--model_name_or_path {model}: {MPT_UNSUPPORTED}")]
+    config = os.path.join(cwd or os.getcwd(), os.path.expanduser(model), "config.json")
+    try:
+        with open(config) as f:
+            model_type = json.load(f).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return []  # a hub id, or no readable config: left to the loader
+    if "mpt" in model_type:
+        return [error(f"--model_name_or_path {model}: {MPT_UNSUPPORTED}")]
+    if model_type and model_type not in _UPSTREAM_MODEL_TYPES:
+        return [error(f"--model_name_or_path {model}: model_type {model_type!r} is not a family upstream LLaVA ships "
+                      f"({UPSTREAM_FAMILIES}). Fix: use the transformers-native host (llava-contrastive train --host "
+                      f"hf), which takes any text model LlavaForConditionalGeneration accepts.")]
+    return []
 
 
 # ---- output directory, run settings --------------------------------------------------------------
@@ -424,6 +459,52 @@ def file_fingerprint(path: str, cached: Optional[Mapping[str, Any]] = None) -> D
     return {"size": st.st_size, "sha256": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
 
 
+def content_digest(path: str) -> str:
+    """sha256 (16 hex) of a file's content: all of it up to ``FULL_HASH_LIMIT`` bytes, else of its size and
+    three 1 MiB samples (start, middle, end: a re-trained or re-converted weight file differs there; a
+    13B checkpoint costs ~10 MB of reads instead of 26 GB)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+            return h.hexdigest()[:16]
+        h.update(str(size).encode())
+        for offset in (0, size // 2, size - SAMPLE_BYTES):
+            f.seek(offset)
+            h.update(f.read(SAMPLE_BYTES))
+    return "sampled:" + h.hexdigest()[:16]
+
+
+def model_files(path: str) -> Optional[Dict[str, str]]:
+    """{file name: content_digest} of a local model directory's top-level files (config, tokenizer,
+    weights; hidden files, docs and sub-directories skipped), or of one file (an adapter); None for a
+    hub id or a missing path. Identifies what a path holds, so a model rebuilt in place is not
+    mistaken for the one a checkpoint was trained with."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return {os.path.basename(path): content_digest(path)}
+    names = sorted(n for n in os.listdir(path) if not n.startswith(".") and not n.lower().endswith(_DOC_SUFFIXES)
+                   and os.path.isfile(os.path.join(path, n)))
+    return {n: content_digest(os.path.join(path, n)) for n in names[:MAX_MODEL_FILES]}
+
+
+def _model_files_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """"--vision_tower: config.json, model.safetensors changed; tokenizer.json added" for each flag."""
+    parts = []
+    for flag in sorted(set(old) | set(new)):
+        a, b = old.get(flag) or {}, new.get(flag) or {}
+        if a == b:
+            continue
+        kinds = [(verb, sorted(names)) for verb, names in (
+            ("changed", [n for n in a if n in b and a[n] != b[n]]), ("added", [n for n in b if n not in a]),
+            ("removed", [n for n in a if n not in b])) if names]
+        parts.append(f"--{flag}: " + "; ".join(f"{', '.join(names)} {verb}" for verb, names in kinds))
+    return "; ".join(parts)
+
+
 def _normalise_path(value: Optional[str], cwd: str) -> Optional[str]:
     if not value:
         return value
@@ -444,10 +525,13 @@ def run_settings(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None
     data = os.path.join(cwd, os.path.expanduser(cmd["data_path"])) if cmd["data_path"] else None
     fp = file_fingerprint(data, cached_data) if data and os.path.isfile(data) else None
     compared["data_fingerprint"] = {"size": fp["size"], "sha256": fp["sha256"]} if fp else None
+    compared["model_files"] = {name: files for name in COMPARED[cmd.host] if name in _PATH_SETTINGS
+                               and (files := model_files(compared[name])) is not None}
     info = {"host": cmd.host, "data_path": os.path.realpath(data) if data else None,
             "data_file": fp, "image_folder": _normalise_path(cmd["image_folder"], cwd), "world_size": world,
             "per_device_train_batch_size": cmd["per_device_train_batch_size"],
-            "gradient_accumulation_steps": cmd["gradient_accumulation_steps"]}
+            "gradient_accumulation_steps": cmd["gradient_accumulation_steps"],
+            "omp_num_threads": env.get("OMP_NUM_THREADS")}
     return {"format": RUN_SETTINGS_FORMAT, "compared": compared, "info": info,
             "not_compared": sorted(NOT_COMPARED)}
 
@@ -529,8 +613,10 @@ def check_output_dir(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = 
         saved = {"compared": legacy}
     diff = differences(saved["compared"], new)
     if diff:
-        listed = "; ".join(f"--{n} {_show(n, a)} -> {_show(n, b)}" if n not in ("global_batch", "data_fingerprint")
-                           else f"{n} {_show(n, a)} -> {_show(n, b)}" for n, a, b in diff)
+        listed = "; ".join(
+            f"model files differ ({_model_files_changes(a, b)})" if n == "model_files"
+            else f"{n} {_show(n, a)} -> {_show(n, b)}" if n in ("global_batch", "data_fingerprint")
+            else f"--{n} {_show(n, a)} -> {_show(n, b)}" for n, a, b in diff)
         problems.append(error(f"--output_dir {out_dir} holds checkpoints of a run with other settings (resuming would "
                               f"mix two runs in one trainer_state.json): {listed}. {fix}"))
     return problems
@@ -620,13 +706,21 @@ def strip_flag(argv: Sequence[str], name: str) -> List[str]:
     return out
 
 
+_DONE: Dict[Tuple[str, Tuple[str, ...]], List[Problem]] = {}
+
+
 def run_preflight(argv: Sequence[str], host: str, stream=None) -> List[Problem]:
     """The entries' pre-flight: check (exit 2 on errors), then on rank 0 remove old checkpoints under
     --overwrite_output_dir True, write OUTPUT_DIR/run_settings.json and print READY_MARKER (one
-    stderr line: the logging of the host may not be set up yet)."""
+    stderr line: the logging of the host may not be set up yet). Once per process and command: a
+    second call with the same argv returns the first one's problems."""
     stream = stream or sys.stderr
+    key = (host, tuple(argv))
+    if key in _DONE:  # an entry that pre-flighted before its heavy imports, then its run()
+        return _DONE[key]
     problems = check_command(argv, host)
     exit_on_errors(problems, stream)
+    _DONE[key] = problems
     cmd = parse_command(argv, host)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return problems
@@ -647,4 +741,5 @@ def run_preflight(argv: Sequence[str], host: str, stream=None) -> List[Problem]:
 __all__ = ["Problem", "Command", "COMPARED", "NOT_COMPARED", "READY_MARKER", "RUN_SETTINGS_FILE", "parse_command",
            "check_command", "check_data", "check_contrastive", "check_template", "check_models", "check_output_dir",
            "run_settings", "differences", "exit_on_errors", "format_problems", "start_over", "write_run_settings",
-           "run_preflight", "strip_flag", "head_records", "looks_local", "file_fingerprint"]
+           "run_preflight", "strip_flag", "head_records", "looks_local", "file_fingerprint", "model_files",
+           "content_digest"]

@@ -119,3 +119,17 @@ def test_fresh_projector_starts_like_upstream_and_follows_the_seed(tiny_assets):
     bound = 1 / math.sqrt(la.in_features)  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert float(la.weight.abs().max()) <= bound and float(la.weight.std()) > 0.8 * bound / math.sqrt(3)
     assert float(la.bias.abs().max()) > 0  # uniform biases, not zeros
+
+
+@pytest.mark.parametrize("state, key", [
+    ({"model.mm_projector.weight": torch.zeros(4, 3), "model.mm_projector.bias": torch.zeros(4)},
+     "model.mm_projector.weight"),  # linear
+    ({f"model.mm_projector.{i}.{p}": torch.zeros(4, 4) if p == "weight" else torch.zeros(4)
+      for i in (0, 2, 4) for p in ("weight", "bias")}, "model.mm_projector.4.weight"),  # mlp3x_gelu
+])
+def test_other_projector_types_are_refused_by_name(state, key):
+    """The native projector has exactly two linear layers: linear / mlpNx (N != 2) projectors do not convert."""
+    with pytest.raises(KeyError, match="only mlp2x_gelu"):
+        convert.upstream_to_native(state)
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        convert.upstream_to_native(state)

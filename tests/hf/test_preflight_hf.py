@@ -79,3 +79,30 @@ def test_resume_with_other_settings_refused_before_load(tiny_assets, tmp_path, m
     assert_refused_before_load(proc, seconds, "holds checkpoints of a run with other settings",
                                "--contrastive_loss 'infonce' -> 'siglip'", "--overwrite_output_dir True")
     assert json.loads((out / pf.RUN_SETTINGS_FILE).read_text())["compared"]["contrastive_loss"] == "infonce"
+
+
+_NO_TORCH_PROBE = '''
+import runpy, sys
+sys.argv = ["train", *sys.argv[1:]]
+try:
+    if sys.argv_entry == "module":
+        runpy.run_module("llava_contrastive.hosts.hf.train", run_name="__main__", alter_sys=True)
+    else:
+        from llava_contrastive.cli import main
+        sys.exit(main(["train", "--host", "hf", *sys.argv[1:]]))
+except SystemExit as e:
+    print("exit", e.code, "torch" in sys.modules, "transformers" in sys.modules)
+'''
+
+
+def test_user_error_exits_before_torch_or_transformers_import(tmp_path):
+    """`python -m ...hosts.hf.train` and `llava-contrastive train --host hf`: the refusal comes before
+    the entry module's own imports (seconds of torch + transformers on a cluster file system)."""
+    bad = ["--llm_dir", str(tmp_path / "no-llm"), "--vision_dir", str(tmp_path / "no-tower"), "--data_path",
+           str(tmp_path / "no.json"), "--image_folder", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    for entry in ("module", "cli"):
+        code = _NO_TORCH_PROBE.replace("sys.argv_entry", repr(entry))
+        proc = subprocess.run([sys.executable, "-c", code, *bad], capture_output=True, text=True, timeout=120,
+                              cwd=str(REPO), env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO)))
+        assert proc.stdout.strip() == "exit 2 False False", (entry, proc.stdout, proc.stderr[-2000:])
+        assert "--llm_dir" in proc.stderr and "path not found" in proc.stderr

@@ -1,6 +1,7 @@
 """llava_contrastive.evaluation.alignment / holdout on tiny runs (the session fixtures of tests/host/conftest.py)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def test_eval_joint_run_cli(tiny_assets, joint_run, tmp_path):
     assert report["settings"]["mm_projector_type"] == "mlp2x_gelu"
     assert report["paths"]["head"] is not None  # the run's head was loaded
     assert report["settings"]["duplicates_masked"]
+    prov = report["provenance"]  # what reproduces the numbers
+    assert prov["seed"] == 7 and prov["training_run"]["settings"]["contrastive_weight"] == 0.5
+    assert prov["versions"]["torch"] == torch.__version__ and "transformers" in prov["versions"]
+    assert set(prov["git"]) == {"commit", "dirty"}
+    data = Path(tiny_assets.heldout_json)
+    assert prov["files"]["data_path"]["size"] == data.stat().st_size
+    assert prov["files"]["data_path"]["digest"] == hashlib.sha256(data.read_bytes()).hexdigest()[:16]
+    assert prov["files"]["projector"]["path"].endswith("mm_projector.bin")
+    assert "config.json" in prov["model_files"]["model_name_or_path"]
 
 
 def test_eval_ntp_only_projector_file(tiny_assets, weight0_run, tmp_path):
@@ -59,6 +69,36 @@ def test_eval_ntp_only_projector_file(tiny_assets, weight0_run, tmp_path):
     _check_report(report, tmp_path / "w0", curves=False)
     assert report["settings"]["mm_projector_type"] == "mlp2x_gelu"
     assert report["settings"]["embedding"]["contrastive_text_source"] == "input_embeds"
+    assert report["provenance"]["seed"] is None  # a bare file: no run settings beside it
+
+
+def test_baseline_report_set_beside_the_metrics(tiny_assets, weight0_run, tmp_path):
+    base = tmp_path / "base" / "report.json"
+    base.parent.mkdir()
+    base.write_text(json.dumps({"i2t@1": 0.5, "ntp_loss": 0.25, "modality_gap": 2.0, "n": 48,
+                                "provenance": {"seed": 3, "git": {"commit": "abc"}}}))
+    report = _cli(tiny_assets, weight0_run, tmp_path / "w0", "--baseline", str(base.parent), "--no_figures")
+    b = report["baseline"]
+    assert b["path"] == str(base.resolve()) and b["seed"] == 3 and b["commit"] == "abc"
+    assert set(b["metrics"]) == {"i2t@1", "ntp_loss", "modality_gap"} and b["same_data"] is None
+    m = b["metrics"]["ntp_loss"]
+    assert m["this"] == report["ntp_loss"] and m["delta"] == pytest.approx(report["ntp_loss"] - 0.25)
+    assert m["better"] == (report["ntp_loss"] < 0.25)  # lower is better for the loss and the gap
+    assert b["metrics"]["modality_gap"]["better"] and not b["metrics"]["i2t@1"]["better"]
+    assert "against the baseline" in ev.format_report(report)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no report.json there"), ("{oops", "not valid JSON"), ('{"loss": 1}', "not a held-out alignment report")])
+def test_bad_baseline_is_a_usage_error_before_any_model_loads(tiny_assets, weight0_run, tmp_path, content, expected):
+    base = tmp_path / "report.json"
+    if content is not None:
+        base.write_text(content)
+    proc = runs.run("llava_contrastive.eval", [
+        "--model_name_or_path", str(tmp_path / "no-llm"), "--vision_tower", str(tmp_path / "no-tower"),
+        "--projector", str(weight0_run), "--data_path", "x.json", "--image_folder", "img",
+        "--output_dir", str(tmp_path / "o"), "--baseline", str(base)], check=False, timeout=120)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_metrics_equal_alignment_report(tiny_assets, joint_run):

@@ -65,7 +65,8 @@ def _same_losses(a: Path, b: Path) -> None:
     assert len(la) == len(lb) == STEPS
     for x, y in zip(la, lb):
         for key in ("ntp_loss", "contrastive_loss", "loss"):
-            assert abs(x[key] - y[key]) <= 1e-6, (key, x, y)
+            # logged to 6 decimals: two values 1e-7 apart can print one unit (1e-6) apart
+            assert abs(x[key] - y[key]) <= 1e-6 + 1e-9, (key, x, y)
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,8 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
              output_dir: Optional[str] = None, head: Optional[str] = None, max_samples: Optional[int] = None,
              batch_size: int = 64, trainer_state: Optional[str] = None, vision_feature_layer: Optional[int] = None,
              model_max_length: int = 2048, contrastive: Optional[Dict[str, Any]] = None, figures: bool = True,
-             progress: bool = True, return_embeddings: bool = False) -> Dict[str, Any]:
+             progress: bool = True, return_embeddings: bool = False,
+             baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate a native model (its own projector, or ``projector``) on held-out pairs; returns the
     report dict of ``llava_contrastive.evaluation.alignment.evaluate`` (also written to ``output_dir/report.json``).
     ``model_max_length`` counts the image tokens (upstream truncates after splicing them in too)."""
@@ -201,7 +202,8 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
              "projector": str(projector_source or model_name_or_path), "head": head_loaded,
              "data_path": str(data_path), "image_folder": str(image_folder)}
     return ev.finish_report(emb, cargs, settings, paths, run_dir=run_dir, trainer_state=trainer_state,
-                            output_dir=output_dir, figures=figures, t0=t0, return_embeddings=return_embeddings)
+                            output_dir=output_dir, figures=figures, t0=t0, return_embeddings=return_embeddings,
+                            baseline=baseline)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):

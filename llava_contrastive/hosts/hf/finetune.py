@@ -47,7 +47,8 @@ from llava_contrastive.training.checkpointing import last_complete_checkpoint
 from llava_contrastive.core.head import optimizer_with_head_group
 from llava_contrastive.hosts.hf import convert
 from llava_contrastive.hosts.hf.instruct_data import InstructCollator, InstructDataset, split_records
-from llava_contrastive.hosts.hf.launch import init_distributed_for_deepspeed, with_cpu_flag
+from llava_contrastive.hosts.hf.launch import (init_distributed_for_deepspeed, joined_report_to, logging_dir_to_env,
+                                              split_report_to, with_cpu_flag)
 from llava_contrastive.hosts.hf.lora import load_stage2
 
 logger = logging.getLogger("llava_contrastive")
@@ -258,9 +259,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
-    argv = with_cpu_flag(argv)
+    argv = with_cpu_flag(joined_report_to(logging_dir_to_env(argv)))
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, Stage2ContrastiveArguments))
     margs, dargs, targs, cargs = parser.parse_args_into_dataclasses(args=argv)
+    split_report_to(targs)
     logging.basicConfig(level=logging.INFO if targs.should_log else logging.WARNING,
                         format="%(message)s")
     _check_args(margs, dargs, targs, cargs)

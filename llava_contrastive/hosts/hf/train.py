@@ -53,9 +53,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-import torch
-import torch.distributed as dist
-import transformers
+if __name__ == "__main__":  # `python -m ...hosts.hf.train`: user errors exit 2 before torch and transformers load
+    from llava_contrastive.training.preflight import run_preflight as _preflight
+
+    _preflight(sys.argv[1:], host="hf")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import transformers  # noqa: E402
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from llava_contrastive.core.config import ContrastiveArguments
@@ -66,7 +71,8 @@ from llava_contrastive.hosts.common import ContrastiveTrainerMixin
 from llava_contrastive.hosts.hf import checkpoint as ckpt
 from llava_contrastive.hosts.hf import convert
 from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
-from llava_contrastive.hosts.hf.launch import init_distributed_for_deepspeed, with_cpu_flag
+from llava_contrastive.hosts.hf.launch import (init_distributed_for_deepspeed, joined_report_to, logging_dir_to_env,
+                                              split_report_to, with_cpu_flag)
 from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 from llava_contrastive.training.checkpointing import (TRAINER_STATE_FILE, CheckpointSaveError,
                                                       commit_staged, staging_dir,
@@ -221,7 +227,9 @@ def run(argv=None) -> Trainer:
     argv = strip_flag(argv, "overwrite_output_dir")  # acted on by pre-flight; transformers 5 has no such flag
     parser = HfArgumentParser((ModelArguments, DataArguments, DataCheckArguments, NonFiniteArguments,
                                TrainingArguments, ContrastiveArguments))
-    margs, dargs, check_args, nargs, targs, cargs = parser.parse_args_into_dataclasses(args=with_cpu_flag(argv))
+    margs, dargs, check_args, nargs, targs, cargs = parser.parse_args_into_dataclasses(
+        args=with_cpu_flag(joined_report_to(logging_dir_to_env(argv))))
+    split_report_to(targs)
     targs.remove_unused_columns = False
     cargs.validate()
     check = data_check_settings(check_args)

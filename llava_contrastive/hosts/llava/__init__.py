@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {"ContrastiveLlavaConfig": "model", "ContrastiveLlavaForCausalLM": "model",
-         "ContrastiveLLaVATrainer": "trainer"}
+         "ContrastiveLlavaMistralConfig": "model", "ContrastiveLlavaMistralForCausalLM": "model",
+         "ContrastiveLlavaAutoForCausalLM": "model", "ContrastiveLLaVATrainer": "trainer"}
 
 
 def __getattr__(name: str):

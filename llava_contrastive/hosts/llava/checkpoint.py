@@ -29,11 +29,17 @@ def head_state(model) -> Dict[str, torch.Tensor]:
     return {**params, **buffers}
 
 
+def upstream_config_class(config) -> type:
+    """Upstream's config class of the model's family (``LlavaConfig`` for Llama, ``LlavaMistralConfig``)."""
+    return getattr(config, "upstream_config_class", LlavaConfig)
+
+
 def upstream_config_dict(config) -> dict:
-    """The model config as upstream's ``llava_llama`` type (contrastive settings kept as data)."""
+    """The model config as upstream's type of its family (``llava_llama``, ``llava_mistral``; contrastive
+    settings kept as data)."""
     d = config.to_dict()
-    d["model_type"] = LlavaConfig.model_type
-    d["architectures"] = ["LlavaLlamaForCausalLM"]
+    d["model_type"] = upstream_config_class(config).model_type
+    d["architectures"] = [getattr(config, "upstream_architecture", "LlavaLlamaForCausalLM")]
     return d
 
 
@@ -46,7 +52,7 @@ def save_stage1(model, output_dir: str, is_main: bool, use_im_start_end: bool = 
     if not is_main:
         return
     os.makedirs(output_dir, exist_ok=True)
-    LlavaConfig.from_dict(upstream_config_dict(model.config)).save_pretrained(output_dir)
+    upstream_config_class(model.config).from_dict(upstream_config_dict(model.config)).save_pretrained(output_dir)
     atomic_torch_save(projector, os.path.join(output_dir, PROJECTOR_FILE))
     if head is not None:
         save_head(head, model.contrastive_args.to_dict(), output_dir)

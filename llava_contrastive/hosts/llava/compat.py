@@ -24,11 +24,14 @@ def import_upstream(module: str) -> ModuleType:
 
 
 llava_llama = import_upstream("model.language_model.llava_llama")
+llava_mistral = import_upstream("model.language_model.llava_mistral")
 llava_trainer = import_upstream("train.llava_trainer")
 constants = import_upstream("constants")
 
 LlavaConfig = llava_llama.LlavaConfig
 LlavaLlamaForCausalLM = llava_llama.LlavaLlamaForCausalLM
+LlavaMistralConfig = llava_mistral.LlavaMistralConfig
+LlavaMistralForCausalLM = llava_mistral.LlavaMistralForCausalLM
 LLaVATrainer = llava_trainer.LLaVATrainer
 IGNORE_INDEX: int = constants.IGNORE_INDEX
 IMAGE_TOKEN_INDEX: int = constants.IMAGE_TOKEN_INDEX

@@ -29,12 +29,12 @@ def build_model(model_name_or_path: str, vision_tower: str, projector_file: Path
     import transformers
 
     from llava_contrastive.hosts.llava.checkpoint import load_head, load_projector_state
-    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaAutoForCausalLM
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         model_name_or_path, model_max_length=model_max_length, padding_side="right", use_fast=False)
     tokenizer.pad_token = tokenizer.unk_token  # upstream, --version plain
-    model = ContrastiveLlavaForCausalLM.from_pretrained(model_name_or_path, torch_dtype=torch.float32)
+    model = ContrastiveLlavaAutoForCausalLM.from_pretrained(model_name_or_path, torch_dtype=torch.float32)
     model.config.use_cache = False
     model_args = argparse.Namespace(
         vision_tower=vision_tower, mm_vision_select_layer=select_layer, mm_vision_select_feature="patch",
@@ -83,7 +83,7 @@ def evaluate(model_name_or_path: str, vision_tower: str, projector: str, data_pa
              batch_size: int = 64, trainer_state: Optional[str] = None, mm_projector_type: str = "auto",
              mm_vision_select_layer: int = -2, model_max_length: int = 2048,
              contrastive: Optional[Dict[str, Any]] = None, figures: bool = True, progress: bool = True,
-             return_embeddings: bool = False) -> Dict[str, Any]:
+             return_embeddings: bool = False, baseline: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Evaluate a projector on held-out pairs; returns the report dict (also written to
     ``output_dir/report.json`` when given). ``contrastive``: ContrastiveArguments overrides."""
     import torch
@@ -109,7 +109,8 @@ def evaluate(model_name_or_path: str, vision_tower: str, projector: str, data_pa
              "projector": str(projector_file), "head": head_loaded, "data_path": str(data_path),
              "image_folder": str(image_folder)}
     return finish_report(emb, cargs, settings, paths, run_dir=run_dir, trainer_state=trainer_state,
-                         output_dir=output_dir, figures=figures, t0=t0, return_embeddings=return_embeddings)
+                         output_dir=output_dir, figures=figures, t0=t0, return_embeddings=return_embeddings,
+                         baseline=baseline)
 
 def parse_args(argv: Optional[Sequence[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

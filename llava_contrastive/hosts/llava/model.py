@@ -1,11 +1,19 @@
-"""ContrastiveLlavaForCausalLM: upstream's LlavaLlamaForCausalLM plus an InfoNCE/SigLIP term.
+"""The contrastive LLaVA classes of the upstream host: upstream's ``LlavaLlamaForCausalLM`` and
+``LlavaMistralForCausalLM`` plus an InfoNCE/SigLIP term.
 
 One forward pass yields both losses: the projected image tokens are captured from the pass
 itself (``encode_images`` is overridden, nothing is encoded twice), caption ids come from the
 labels (``labels != -100`` in the ``plain`` template), and the core pools, gathers and scores them.
+``ContrastiveLlavaAutoForCausalLM.from_pretrained`` picks the class from the checkpoint's config
+(Mistral where it says so, as forks do; Llama otherwise), which is what upstream's ``train()`` gets
+in place of ``LlavaLlamaForCausalLM``. Upstream's MPT class cannot run under the pinned stack (its
+``train()`` indexes ``config.attn_config`` as a dict, which transformers' own ``MptConfig`` is not):
+asking for it is a clear error.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import List, Optional
 
 import torch
@@ -16,22 +24,37 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava_contrastive.core.config import ContrastiveArguments
 from llava_contrastive.core.pooling import caption_keys, pool, strip_trailing
 from llava_contrastive.hosts.common import ContrastiveModelMixin, contrastive_output_class
-from llava_contrastive.hosts.llava.compat import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM
+from llava_contrastive.hosts.llava.compat import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM,
+                                                  LlavaMistralConfig, LlavaMistralForCausalLM)
+from llava_contrastive.training.preflight import MPT_UNSUPPORTED, UPSTREAM_FAMILIES
 
 
-class ContrastiveLlavaConfig(LlavaConfig):
-    """Upstream's LlavaConfig under its own model_type. Saved stage-1 outputs are written with
-    upstream's ``llava_llama`` type (see checkpoint.py) so upstream tools keep loading them; the
-    contrastive settings travel in the ``contrastive`` attribute."""
+class _UpstreamTypeOnSave:
+    """Every saved config.json (stage 1 and 2, LoRA or full) says upstream's type and class
+    (``upstream_config_class``), so upstream's load_pretrained_model takes it without this plugin;
+    the contrastive settings travel in the ``contrastive`` attribute."""
 
-    model_type = "llava_llama_contrastive"
+    upstream_config_class: type
+    upstream_architecture: str
 
     def to_dict(self):
-        """Every saved config.json (stage 1 and 2, LoRA or full) says upstream's ``llava_llama`` /
-        ``LlavaLlamaForCausalLM``, so upstream's load_pretrained_model takes it without this plugin."""
         d = super().to_dict()
-        d["model_type"], d["architectures"] = LlavaConfig.model_type, ["LlavaLlamaForCausalLM"]
+        d["model_type"], d["architectures"] = self.upstream_config_class.model_type, [self.upstream_architecture]
         return d
+
+
+class ContrastiveLlavaConfig(_UpstreamTypeOnSave, LlavaConfig):
+    """Upstream's LlavaConfig (Llama family) under its own model_type."""
+
+    model_type = "llava_llama_contrastive"
+    upstream_config_class, upstream_architecture = LlavaConfig, "LlavaLlamaForCausalLM"
+
+
+class ContrastiveLlavaMistralConfig(_UpstreamTypeOnSave, LlavaMistralConfig):
+    """Upstream's LlavaMistralConfig under its own model_type."""
+
+    model_type = "llava_mistral_contrastive"
+    upstream_config_class, upstream_architecture = LlavaMistralConfig, "LlavaMistralForCausalLM"
 
 
 ContrastiveCausalLMOutput = contrastive_output_class(CausalLMOutputWithPast, "ContrastiveCausalLMOutput", __name__)
@@ -63,8 +86,8 @@ def image_position_mask(input_ids: torch.Tensor, attention_mask: Optional[torch.
     return (positions >= start) & (positions < end) & valid.reshape(-1, 1)
 
 
-class ContrastiveLlavaForCausalLM(ContrastiveModelMixin, LlavaLlamaForCausalLM):
-    config_class = ContrastiveLlavaConfig
+class ContrastiveLlavaCausalLMBody(ContrastiveModelMixin):
+    """The contrastive forward of an upstream LLaVA causal-LM class (mixed in before it)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -244,5 +267,55 @@ def select_layer(hidden_states, layer: int) -> torch.Tensor:
     return hidden_states[layer]
 
 
-AutoConfig.register(ContrastiveLlavaConfig.model_type, ContrastiveLlavaConfig)
-AutoModelForCausalLM.register(ContrastiveLlavaConfig, ContrastiveLlavaForCausalLM)
+class ContrastiveLlavaForCausalLM(ContrastiveLlavaCausalLMBody, LlavaLlamaForCausalLM):
+    config_class = ContrastiveLlavaConfig
+
+
+class ContrastiveLlavaMistralForCausalLM(ContrastiveLlavaCausalLMBody, LlavaMistralForCausalLM):
+    config_class = ContrastiveLlavaMistralConfig
+
+
+# model_type of a checkpoint's config.json -> the contrastive class that loads it (none given: Llama,
+# as upstream's train() assumes)
+_FAMILY_BY_MODEL_TYPE = {
+    "": ContrastiveLlavaForCausalLM, "llama": ContrastiveLlavaForCausalLM, "llava_llama": ContrastiveLlavaForCausalLM,
+    ContrastiveLlavaConfig.model_type: ContrastiveLlavaForCausalLM,
+    "mistral": ContrastiveLlavaMistralForCausalLM, "llava_mistral": ContrastiveLlavaMistralForCausalLM,
+    ContrastiveLlavaMistralConfig.model_type: ContrastiveLlavaMistralForCausalLM,
+}
+
+
+def checkpoint_model_type(model_name_or_path: str) -> str:
+    """model_type of a checkpoint's config (config.json read directly for a local directory)."""
+    config_file = os.path.join(model_name_or_path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            return json.load(f).get("model_type", "")
+    return AutoConfig.from_pretrained(model_name_or_path).model_type
+
+
+def contrastive_class_for(model_name_or_path: str) -> type:
+    """The contrastive class for a checkpoint: upstream's family of its model_type (ValueError otherwise)."""
+    model_type = checkpoint_model_type(model_name_or_path)
+    if model_type in _FAMILY_BY_MODEL_TYPE:
+        return _FAMILY_BY_MODEL_TYPE[model_type]
+    if "mpt" in model_type:
+        raise ValueError(f"{model_name_or_path}: {MPT_UNSUPPORTED}")
+    raise ValueError(f"{model_name_or_path}: model_type {model_type!r} is not a family upstream LLaVA ships "
+                     f"({UPSTREAM_FAMILIES}). Fix: use the transformers-native host (--host hf), which takes any "
+                     f"text model LlavaForConditionalGeneration accepts.")
+
+
+class ContrastiveLlavaAutoForCausalLM:
+    """Stands where upstream's train() calls ``LlavaLlamaForCausalLM.from_pretrained``: loads the
+    contrastive class of the checkpoint's family."""
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, *args, **kwargs):
+        return contrastive_class_for(str(model_name_or_path)).from_pretrained(model_name_or_path, *args, **kwargs)
+
+
+for _config, _model in ((ContrastiveLlavaConfig, ContrastiveLlavaForCausalLM),
+                        (ContrastiveLlavaMistralConfig, ContrastiveLlavaMistralForCausalLM)):
+    AutoConfig.register(_config.model_type, _config)
+    AutoModelForCausalLM.register(_config, _model)

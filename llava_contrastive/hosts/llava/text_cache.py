@@ -82,7 +82,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     from llava import conversation
 
     from llava_contrastive.core.config import ContrastiveArguments
-    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaAutoForCausalLM
 
     a = parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,7 +101,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     tok = transformers.AutoTokenizer.from_pretrained(a.model_name_or_path, use_fast=False,
                                                      model_max_length=a.model_max_length, padding_side="right")
     tok.pad_token = tok.unk_token
-    model = ContrastiveLlavaForCausalLM.from_pretrained(a.model_name_or_path, torch_dtype=DTYPES[a.dtype])
+    model = ContrastiveLlavaAutoForCausalLM.from_pretrained(a.model_name_or_path, torch_dtype=DTYPES[a.dtype])
     model.requires_grad_(False)
     model.to(device).eval()
     model.init_contrastive(cargs, tok)

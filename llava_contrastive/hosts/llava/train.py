@@ -115,11 +115,11 @@ def plugin_globals(namespace: dict, argv: list[str] | None = None) -> dict:
     """Replacements for upstream `llava.train.train` globals: the contrastive model, trainer,
     merged argument classes, the checked data module, and the final save (stage-1 head; no CUDA
     sync on CPU)."""
-    from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaAutoForCausalLM
     from llava_contrastive.hosts.llava.trainer import ContrastiveLLaVATrainer
 
     return {
-        "LlavaLlamaForCausalLM": ContrastiveLlavaForCausalLM,
+        "LlavaLlamaForCausalLM": ContrastiveLlavaAutoForCausalLM,  # Llama, or Mistral where the config says so
         "LLaVATrainer": ContrastiveLLaVATrainer,
         "TrainingArguments": make_training_arguments(namespace["TrainingArguments"]),
         "DataArguments": make_data_arguments(namespace["DataArguments"]),
@@ -177,7 +177,12 @@ def check_pretrained_projector(argv: list[str]) -> None:
     except Exception as err:  # noqa: BLE001 - upstream reports unreachable models itself
         logger.debug("projector pre-check skipped: %s", err)
         return
-    check_projector_file(known.pretrain_mm_mlp_adapter, known.mm_projector_type, mm_hidden, hidden)
+    try:
+        check_projector_file(known.pretrain_mm_mlp_adapter, known.mm_projector_type, mm_hidden, hidden)
+    except ValueError as err:  # a user error: one message, exit code 2, before the model loads
+        from llava_contrastive.training.preflight import error, exit_on_errors
+
+        exit_on_errors([error(str(err))])
 
 
 def main(argv: list[str] | None = None, attn_implementation: str | None = None) -> int:

@@ -1,0 +1,50 @@
+"""The README's headline numbers are the default run's: rerun `bash scripts/pretrain_contrastive.sh`
+(the embedded default, its own seed and settings) and compare with the README's headline block
+(`llava-contrastive headline --check`: equal after rounding to the printed digits)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llava_contrastive.evaluation import headline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_block_round_trips_and_mismatches_are_named(tmp_path):
+    report = {"i2t@1": 0.06, "t2i@1": 0.0725, "chance": 1 / 1200, "modality_gap": 0.99084, "ntp_loss": 0.76749,
+              "n": 1200, "provenance": {"seed": 42, "git": {"commit": "0123456789abcdef"},
+                                        "versions": {"torch": "2.13.0"}, "training_run": {"info": {}}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{headline.BEGIN}\nold\n{headline.END}\nrest\n")
+    headline.write(readme, report, "eval/report.json")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "| modality gap | `modality_gap` | 0.9908 |" in text
+    values = headline.readme_values(text)
+    assert values == {"i2t@1": 0.06, "t2i@1": 0.0725, "chance": 0.00083, "modality_gap": 0.9908, "ntp_loss": 0.7675}
+    assert headline.mismatches(report, values) == []
+    other = dict(report, ntp_loss=0.7681)
+    (bad,) = headline.mismatches(other, values)
+    assert bad.startswith("ntp_loss (held-out NTP loss): README 0.7675, this run 0.7681")
+    assert headline.mismatches(other, values, tolerance=1e-3) == []
+
+
+@pytest.mark.slow
+def test_default_run_reproduces_the_readme(tmp_path):
+    out = tmp_path / "default-run"
+    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out))
+    for k in ("MODEL", "MAX_STEPS", "NUM_GPUS", "GLOBAL_BATCH", "SEED", "HOSTFILE", "NNODES", "LAUNCHER", "DRY_RUN"):
+        env.pop(k, None)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "pretrain_contrastive.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = out / "eval" / "report.json"
+    assert json.loads(report.read_text())["provenance"]["seed"] == 42
+    check = subprocess.run([sys.executable, "-m", "llava_contrastive", "headline", "--check", "--report", str(report)],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
