@@ -442,7 +442,7 @@ def main(argv=None) -> int:
                     help="output directory (default: playground/tiny, or playground/tiny-small for --tier small)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if STAMP.json matches")
-    ap.add_argument("--llm", default="llama", choices=["llama", "mistral"],
+    ap.add_argument("--llm", default="llama", choices=["llama", "mistral", "qwen2"],
                     help="also build the tiny LLM of this family beside the default Llama "
                          "(models/<family>-tiny: same tokenizer, corpus and shape, its own pretraining)")
     args = ap.parse_args(argv)

@@ -94,14 +94,15 @@ def _default_shape(part: str) -> Dict[str, int]:
 # ----------------------------------------------------------------------------- LLM
 
 
-LLM_FAMILIES = ("llama", "mistral")
+LLM_FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: str = "llama"):
-    """Config of a tiny LLM of ``family`` (LlamaConfig, or MistralConfig: grouped-query attention with
-    half the key/value heads and a sliding window, as Mistral-7B); ``shape`` (hidden/intermediate size,
+    """Config of a tiny LLM of ``family``: LlamaConfig; MistralConfig (grouped-query attention with
+    half the key/value heads and a sliding window, as Mistral-7B); Qwen2Config (grouped-query
+    attention, biases on the q/k/v projections, as Qwen2). ``shape`` (hidden/intermediate size,
     layers, heads) defaults to the tiny tier."""
-    from transformers import LlamaConfig, MistralConfig
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if family not in LLM_FAMILIES:
         raise ValueError(f"unknown LLM family {family!r}: choose one of {', '.join(LLM_FAMILIES)}")
@@ -123,6 +124,9 @@ def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: 
     if family == "mistral":
         return MistralConfig(**common, num_key_value_heads=max(1, sh["num_attention_heads"] // 2),
                              sliding_window=256)
+    if family == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=max(1, sh["num_attention_heads"] // 2),
+                           use_sliding_window=False)
     return LlamaConfig(**common, num_key_value_heads=sh["num_attention_heads"])
 
 
@@ -150,11 +154,11 @@ def pretrain_llm(
 
     Returns the final training loss and, with ``heldout_texts``, the mean token loss on them.
     """
-    from transformers import LlamaForCausalLM, MistralForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = llm_config(len(tok), shape, family)
-    model = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM}[family](cfg)
+    model = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[family](cfg)
     ids = [tok(t).input_ids[: cfg.max_position_embeddings] for t in texts]  # BOS + text (+ "\n" byte)
     order_rng = random.Random(f"tiny-lm-{seed}")
     order: List[int] = []

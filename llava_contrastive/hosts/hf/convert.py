@@ -129,14 +129,15 @@ PLAIN_CHAT_TEMPLATE = (
 
 def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision_feature_layer: int = -2,
                        dtype: torch.dtype = torch.float32, model_class=None, seed: int = 0):
-    """Assemble ``LlavaForConditionalGeneration`` from a Llama causal LM and a CLIP vision tower.
+    """Assemble ``LlavaForConditionalGeneration`` from a causal LM (Llama, Mistral, Qwen2, ...: any text
+    model the native class accepts) and a CLIP vision tower.
 
     ``projector``: None (fresh init, from ``seed``, with ``nn.Linear``'s default init as upstream's
     ``build_vision_projector`` gets, not transformers' normal(0, 0.02)), a path to
     ``mm_projector.bin`` / safetensors, or an upstream or native projector state dict. Returns (model, processor); with ``out_dir`` both are saved
     (``save_pretrained``) so ``from_pretrained`` + ``AutoProcessor.from_pretrained`` load them offline.
     """
-    from transformers import AutoConfig, CLIPVisionModel, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
 
     model_class = model_class or LlavaForConditionalGeneration
     text_config = AutoConfig.from_pretrained(str(llm_dir))
@@ -160,7 +161,7 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
     torch.manual_seed(0)
     model = model_class(config)
 
-    llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
+    llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
     tower = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
