@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -94,7 +95,7 @@ def train_args(assets, out: Path, seed: int, a) -> List[str]:
 
 
 def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
-    out = Path(a.output_dir) / "runs" / f"{name}-seed{seed}"
+    out = Path(a.output_dir) / "runs" / f"{name.replace(AXIS_SEP, '__').replace('=', '-')}-seed{seed}"
     report_path = out / "eval" / "report.json"
     if report_path.is_file() and not a.force:
         return _row(name, seed, json.loads(report_path.read_text()))
@@ -154,10 +155,25 @@ def criterion(row: dict, base: dict) -> Dict[str, bool]:
     }
 
 
+AXIS_SEP = " | "  # "config | llm=mistral | projector=linear": one row per combination of the axes
+
+
+def variant_name(config: str, llm: Optional[str], projector: Optional[str]) -> str:
+    """Row name of ``config`` on an LLM family / projector type of the --llms / --projectors axes."""
+    return AXIS_SEP.join([config] + ([f"llm={llm}"] if llm else []) + ([f"projector={projector}"] if projector else []))
+
+
+def baseline_name(name: str) -> str:
+    """The NTP-only row a row is compared with: same LLM family and projector, weight 0."""
+    return AXIS_SEP.join(["ntp_only"] + name.split(AXIS_SEP)[1:])
+
+
 def summarise(rows: List[dict], configs: List[str]) -> List[dict]:
-    base_by_seed = {r["seed"]: r for r in rows if r["config"] == "ntp_only" and "error" not in r}
+    base = {(r["config"], r["seed"]): r for r in rows if r["config"].split(AXIS_SEP)[0] == "ntp_only"
+            and "error" not in r}
     summary = []
     for name in configs:
+        base_by_seed = {seed: r for (config, seed), r in base.items() if config == baseline_name(name)}
         rs = [r for r in rows if r["config"] == name and "error" not in r]
         if not rs:
             summary.append({"config": name, "seeds": 0})
@@ -170,13 +186,13 @@ def summarise(rows: List[dict], configs: List[str]) -> List[dict]:
         passes = []
         for r in rs:
             b = base_by_seed.get(r["seed"])
-            if b is not None and name != "ntp_only":
+            if b is not None and name != baseline_name(name):
                 c = criterion(r, b)
                 r.update(c)
                 r["pass"] = all(c.values())
                 passes.append(r["pass"])
         s["pass"] = f"{sum(passes)}/{len(passes)}" if passes else "-"
-        if base_by_seed and name != "ntp_only":
+        if base_by_seed and name != baseline_name(name):
             pairs = [(r, base_by_seed[r["seed"]]) for r in rs if r["seed"] in base_by_seed]
             if pairs:
                 base_i2t = statistics.mean(b["i2t@1"] for _, b in pairs)  # ratio of means (a seed may score 0)
@@ -223,7 +239,9 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
         lines.append(f"| {s['config']} | {f('i2t@1')} | {f('t2i@1')} | {ratio} | {f('modality_gap')} | {gap} | "
                      f"{f('ntp_loss', 4)} | {ntp} | {f('train_final_ntp_loss', 4)} | {s['s_per_step']:.3f} | {s['pass']} |")
     lines += ["", f"Chance level: {summary[0].get('chance', float('nan')):.5f}." if summary else "",
-              "Model-family variants are not run: the tiny asset builder makes one LLM and one vision tower.", ""]
+              f"LLM families: {', '.join(a.llms or ['llama'])}; projectors: {', '.join(a.projectors or ['mlp2x_gelu'])} "
+              "(each row is compared with the ntp_only row of the same family and projector); one vision tower "
+              "(the tiny CLIP).", ""]
     (out / "ablation.md").write_text("\n".join(lines))
     (out / "ablation.json").write_text(json.dumps({"rows": rows, "summary": summary, "args": vars(a)}, indent=2))
     plot(out / "ablation.png", summary)
@@ -244,7 +262,7 @@ def plot(path: Path, summary: List[dict]) -> None:
     for ax, (k, label) in zip(axes, [("i2t@1", "held-out i2t recall@1"), ("modality_gap", "modality gap"),
                                      ("ntp_loss", "held-out NTP loss")]):
         ax.bar(x, [s[k] for s in ok], yerr=[s.get(k + "_sd", 0) for s in ok], capsize=3,
-               color=["tab:gray" if n.endswith("ntp_only") else "tab:blue" for n in names])
+               color=["tab:gray" if n.split(AXIS_SEP)[0] == "ntp_only" else "tab:blue" for n in names])
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel(label)
@@ -278,6 +296,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--force", action="store_true", help="redo runs that have a report")
     p.add_argument("--report_only", action="store_true", help="train nothing: tabulate the runs that have a report")
     p.add_argument("--tiny_root", default=str(REPO / "playground" / "tiny"))
+    p.add_argument("--llms", nargs="+", default=None, choices=["llama", "mistral"],
+                   help="LLM-family axis: every configuration on the tiny LLM of each family (upstream host)")
+    p.add_argument("--projectors", nargs="+", default=None, choices=["linear", "mlp2x_gelu", "mlp3x_gelu"],
+                   help="projector axis: every configuration with each --mm_projector_type")
     a = p.parse_args(argv)
     if not a.threads:
         a.threads = max(1, (os.cpu_count() or 1) // a.jobs)
@@ -286,7 +308,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     a = parse_args(argv)
-    from llava_contrastive.dev.tiny import build_tiny_assets
+    from llava_contrastive.dev.tiny import build_family_llm, build_tiny_assets
 
     assets = build_tiny_assets(a.tiny_root)
     configs = dict(CONFIGS)
@@ -303,10 +325,17 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
         names = ["ntp_only", *names]
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(n, configs[n], s) for s in a.seeds for n in names]
+    jobs, rows_order = [], []
+    for llm in a.llms or [None]:
+        family_assets = dataclasses.replace(assets, llm_dir=build_family_llm(assets, llm)) if llm else assets
+        for projector in a.projectors or [None]:
+            extra = ["--mm_projector_type", projector] if projector else []
+            for n in names:
+                rows_order.append(variant_name(n, llm, projector))
+                jobs += [(rows_order[-1], configs[n] + extra, s, family_assets) for s in a.seeds]
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        rows = list(pool.map(lambda j: run_one(j[0], j[1], j[2], assets, a), jobs))
-    summary = summarise(rows, names)
+        rows = list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], a), jobs))
+    summary = summarise(rows, rows_order)
     write_outputs(out, rows, summary, a)
     print((out / "ablation.md").read_text())
     return rows
