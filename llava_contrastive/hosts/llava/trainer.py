@@ -25,6 +25,9 @@ from llava_contrastive.hosts.common import ContrastiveTrainerMixin, normal_init_
 from llava_contrastive.hosts.llava import checkpoint as ckpt
 from llava_contrastive.hosts.llava.args import check_projector_init
 from llava_contrastive.hosts.llava.compat import LLaVATrainer
+from llava_contrastive.training.checkpointing import atomic_torch_save
+
+NON_LORA_FILE = "non_lora_trainables.bin"  # upstream's name for this state in a LoRA run's final output
 
 logger = logging.getLogger("llava_contrastive")
 
@@ -82,6 +85,39 @@ class ContrastiveLLaVATrainer(ContrastiveTrainerMixin, LLaVATrainer):
 
     def _load_stage1_weights(self, model, directory: str) -> None:
         ckpt.load_stage1_weights(model, directory)
+
+    # ---- stage-2 LoRA checkpoints: the non-LoRA trainables (the projector) too ---------------------
+    def _save_optimizer_and_scheduler(self, output_dir):
+        self._save_non_lora_trainables(output_dir)  # into the staging dir: covered by the manifest
+        return super()._save_optimizer_and_scheduler(output_dir)
+
+    def _non_lora_checkpointed(self) -> bool:
+        """A LoRA stage 2 without DeepSpeed: transformers' checkpoint holds only the adapter, although
+        the projector trains too (upstream's --mm_projector_lr); DeepSpeed's checkpoint holds it."""
+        return not self._saves_trainable_only and not self.is_deepspeed_enabled and hasattr(self.model, "peft_config")
+
+    def _save_non_lora_trainables(self, output_dir: str) -> None:
+        if not self._non_lora_checkpointed():
+            return
+        state = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
+                 if p.requires_grad and "lora_" not in n}
+        if state and self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            atomic_torch_save(state, os.path.join(output_dir, NON_LORA_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, NON_LORA_FILE)
+        if not (self._non_lora_checkpointed() and os.path.isfile(path)):
+            return
+        target = model if model is not None else self.model
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        unknown = sorted(set(state) - {n for n, _ in target.named_parameters()})
+        if unknown:
+            raise ValueError(f"{path}: parameters {unknown[:3]} are not in this model; resume with the settings "
+                             f"of the run that wrote the checkpoint")
+        target.load_state_dict(state, strict=False)
+        logger.info("resuming the non-LoRA trainables (%d tensors: projector) from %s", len(state), path)
 
     def _load_rng_state(self, checkpoint):
         """Trainer's RNG restore, loading with weights_only=True (numpy's RNG state allowed
