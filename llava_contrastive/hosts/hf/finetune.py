@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 
 from llava_contrastive.core.config import ContrastiveArguments
 from llava_contrastive.training.checkpointing import last_complete_checkpoint
+from llava_contrastive.training.faults import fault_step
 from llava_contrastive.core.head import optimizer_with_head_group
 from llava_contrastive.hosts.hf import convert
 from llava_contrastive.hosts.hf.instruct_data import InstructCollator, InstructDataset, split_records
@@ -154,6 +156,11 @@ class Stage2Trainer(Trainer):
             lambda: super(Stage2Trainer, self).create_optimizer(model), [p for _, p in proj], self.mm_projector_lr,
             weight_decay=self.args.weight_decay, decayed=[p for n, p in proj if n in decay])
         return self.optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if fault_step("kill_in_save") == self.state.global_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
+        return super()._save_optimizer_and_scheduler(output_dir)
 
     def _clip_grad_norm(self, model):
         if self.grad_stats is not None:
