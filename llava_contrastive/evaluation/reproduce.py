@@ -523,6 +523,15 @@ def render_markdown(r: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {n} | {_iv(c['score_a'][bench])} | {_iv(c['score_b'][bench])} "
                          f"| {_iv(c['diff'][bench], sign=True)} |")
         lines.append("")
+    if r.get("scores"):
+        benches = list(r["benchmarks"])
+        lines += ["## Scores per arm and seed", "", "Each benchmark's headline score (0-100) of every finished chain.",
+                  "", "| arm | seed | " + " | ".join(benches) + " |", "|---" * (len(benches) + 2) + "|"]
+        for arm, per_seed in r.get("scores", {}).items():
+            for seed, per_bench in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {arm} | {seed} | " + " | ".join(_f((per_bench.get(b) or {}).get("headline"))
+                                                              for b in benches) + " |")
+        lines.append("")
     if r["alignment"]:
         lines += ["## Stage-1 held-out alignment (mean over seeds)", "",
                   "| arm | " + " | ".join(ALIGNMENT_KEYS) + " |", "|---" * (len(ALIGNMENT_KEYS) + 1) + "|"]

@@ -135,6 +135,8 @@ def fake_report(tmp_path: Path) -> dict:
         "wall_seconds": {"stage1_mean_per_cell": 1.5, "stage2_mean_per_cell": 2.5, "bench_mean_per_cell": 3.5,
                          "cells_sum": 45.0, "span": 40.0, "this_invocation": 50.0},
         "alignment": {"joint": {"mean": {"i2t@1": 0.25, "t2i@1": 0.125, "modality_gap": 0.5, "ntp_loss": 2.0}}},
+        "scores": {"ntp_only": {"1": {"pope": {"headline": 41.25}, "gqa": {"headline": 30.0}},
+                                "0": {"pope": {"headline": 40.0}}}},
         "comparisons": [c],
     }
 
@@ -148,6 +150,8 @@ def test_markdown_and_figure_render_from_report_json(tmp_path):
     for b in ("pope", "gqa"):
         assert f"| {b} | {c['n_units'][b]} | {c['score_a'][b]['estimate']:.1f} [" in md
     assert "| joint | 0.2500 | 0.1250 | 0.5000 | 2.0000 |" in md
+    scores = md.split("## Scores per arm and seed")[1].split("\n## ")[0]  # every finished chain, seeds in order
+    assert "| ntp_only | 0 | 40.0 | - |\n| ntp_only | 1 | 41.2 | 30.0 |" in scores
     assert "all cells 45 s of work; first cell start to last cell end 40 s" in md
     assert R.plot_report(r, tmp_path / "report.png") and (tmp_path / "report.png").stat().st_size > 1000
     assert "## Every arm against" not in md  # one comparison: no summary table
