@@ -38,7 +38,7 @@ READY_MARKER = "llava-contrastive pre-flight: checks passed"
 IMAGE_SAMPLE = 50  # records with an image looked at by the "every image missing" diagnosis
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_UPSTREAM_TOWER_PREFIXES = ("openai", "laion")
+_UPSTREAM_TOWER_PREFIXES = ("openai", "laion")  # llava/model/multimodal_encoder/builder.py accepts these ids
 UPSTREAM_FAMILIES = "llama, mistral"  # LLM families the upstream host's contrastive classes cover
 _UPSTREAM_MODEL_TYPES = {"llama", "llava_llama", "llava_llama_contrastive", "mistral", "llava_mistral",
                          "llava_mistral_contrastive"}
@@ -46,7 +46,7 @@ MPT_UNSUPPORTED = ("upstream's MPT path (LlavaMptForCausalLM) cannot run under t
                    "sets config.attn_config['attn_impl'], but transformers 4.37 loads MPT checkpoints with its own "
                    "MptConfig, whose attn_config is not a dict (MosaicML's remote code, which upstream expects, "
                    "needs triton and network access). Fix: use a Llama or Mistral LLM with this host, or the "
-                   "transformers-native host (--host hf) for other families.")  # llava/model/multimodal_encoder/builder.py accepts these ids
+                   "transformers-native host (--host hf) for other families.")
 
 # Flags read here, with the defaults of each host's argument classes (upstream llava.train.train +
 # transformers 4.37 TrainingArguments; the native host's dataclasses + transformers 5). A test
@@ -419,16 +419,21 @@ def check_upstream_family(model: Optional[str], cwd: Optional[str] = None) -> Li
     """Upstream host: an LLM of a family its contrastive classes cover (from a local config.json)."""
     if not model:
         return []
-    if "mpt" in model:  # upstream's train() takes its MPT path for any such name
-        return [error(f"--model_name_or_path {model}: {MPT_UNSUPPORTED}")]
     config = os.path.join(cwd or os.getcwd(), os.path.expanduser(model), "config.json")
     try:
         with open(config) as f:
             model_type = json.load(f).get("model_type", "")
     except (OSError, ValueError, AttributeError):
-        return []  # a hub id, or no readable config: left to the loader
-    if "mpt" in model_type:
+        model_type = None  # a hub id, or no readable config: left to the loader
+    if "mpt" in (model_type or ""):
         return [error(f"--model_name_or_path {model}: {MPT_UNSUPPORTED}")]
+    if "mpt" in model:  # upstream's train() takes its MPT path for any path containing "mpt"
+        return [error(f"--model_name_or_path {model}: the path contains 'mpt', and upstream's train() then loads "
+                      f"the model as MPT whatever it is (e.g. a directory under '.../attempt/'). "
+                      + ("" if model_type not in (None, "") else f"{MPT_UNSUPPORTED} ")
+                      + "Fix: for a Llama or Mistral model, pass a path without 'mpt' in it (a symlink will do).")]
+    if model_type is None:
+        return []
     if model_type and model_type not in _UPSTREAM_MODEL_TYPES:
         return [error(f"--model_name_or_path {model}: model_type {model_type!r} is not a family upstream LLaVA ships "
                       f"({UPSTREAM_FAMILIES}). Fix: use the transformers-native host (llava-contrastive train --host "
