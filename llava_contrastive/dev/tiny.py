@@ -185,17 +185,23 @@ def _clean_stale(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _build_into(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, Any]:
+@contextlib.contextmanager
+def _one_thread():
+    """Build on a single torch thread: bit-identical results whatever the core count, and robust to
+    CPU contention (2 OpenMP threads on a busy 2-core box are several times slower than one)."""
     import torch
 
-    # single thread: bit-identical results whatever the core count, and robust to CPU contention
-    # (2 OpenMP threads on a busy 2-core box are several times slower than one)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _build_steps(tmp_root, seed, s, log)
+        yield
     finally:
         torch.set_num_threads(prev_threads)
+
+
+def _build_into(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, Any]:
+    with _one_thread():
+        return _build_steps(tmp_root, seed, s, log)
 
 
 def _build_vision(paths: "TinyAssets", seed: int, s: Dict[str, Any], gen, log) -> Dict[str, Any]:
@@ -257,7 +263,7 @@ def _build_steps(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str,
     ls = s["llm_shape"]
     log(f"[tiny] llm ({s['tier']} tier): LlamaForCausalLM h{ls['hidden_size']} x{ls['num_hidden_layers']} layers, "
         f"{s['lm_steps']} steps x {s['lm_batch_size']}")
-    held_texts = [r["conversations"][1]["value"] + "\n" for r in gen.heldout_records]  # captions unseen in training
+    held_texts = D.caption_texts(gen.heldout_records)  # captions unseen in training
     metrics.update(
         M.pretrain_llm(
             tok, D.lm_corpus(gen), paths.llm_dir, seed, s["lm_steps"], s["lm_batch_size"], s["lm_lr"], log=log,
@@ -380,8 +386,7 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
     same caption-language corpus (read back from the assets' pretrain and instruction JSON), the same
     shape and training knobs as the assets' Llama, pretrained from its own initialisation; cached with
     a STAMP.json of its own (keyed by the assets' stamp, the family and the seed)."""
-    import json as _json
-
+    from llava_contrastive.dev import tiny_data as D
     from llava_contrastive.dev import tiny_models as M
 
     if family == "llama":
@@ -394,11 +399,10 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
     out = family_llm_dir(assets, family)
     key = {"family": family, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
     stamp = out / STAMP_NAME
-    if not force and stamp.is_file() and {k: v for k, v in _json.loads(stamp.read_text()).items()
+    if not force and stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items()
                                           if k != "metrics"} == key:
         return out
     log = print if verbose else (lambda msg: None)
-    import torch
     from transformers import AutoTokenizer
 
     s = base["settings"]
@@ -408,20 +412,13 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
     try:
         tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
         tok.save_pretrained(str(tmp))
-        train = _json.loads(assets.pretrain_json.read_text())
-        instruct = _json.loads(assets.instruct_json.read_text())
-        texts = [r["conversations"][1]["value"] + "\n" for r in train]
-        texts += [c["value"] + "\n" for r in instruct for c in r["conversations"] if c["from"] == "gpt"]
-        held = [r["conversations"][1]["value"] + "\n" for r in _json.loads(assets.heldout_json.read_text())]
+        texts = D.lm_texts(json.loads(assets.pretrain_json.read_text()), json.loads(assets.instruct_json.read_text()))
+        held = D.caption_texts(json.loads(assets.heldout_json.read_text()))
         log(f"[tiny] llm ({family}, {s['tier']} tier): {s['lm_steps']} steps x {s['lm_batch_size']} on "
             f"{len(texts)} texts")
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)  # bit-identical whatever the core count (as the default assets)
-        try:
+        with _one_thread():  # as the default assets
             metrics = M.pretrain_llm(tok, texts, tmp, seed, s["lm_steps"], s["lm_batch_size"], s["lm_lr"], log=log,
                                      shape=s["llm_shape"], heldout_texts=held, family=family)
-        finally:
-            torch.set_num_threads(prev)
         _write_json_atomic(tmp / STAMP_NAME, {**key, "metrics": metrics})
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)

@@ -397,12 +397,23 @@ def tokenizer_corpus(gen: GeneratedData, instruct_extra: Sequence[dict] = ()) ->
     return [" ".join(x.split("\n")).strip() for x in texts]
 
 
-def lm_corpus(gen: GeneratedData) -> List[str]:
-    """Caption-like texts the tiny LLM is pretrained on (stage-1 target format: caption + '\\n')."""
-    texts = [r["conversations"][1]["value"] + "\n" for r in gen.train_records]
-    for r in gen.instruct_records:
+def caption_texts(records: Sequence[dict]) -> List[str]:
+    """The captions of stage-1 records in the stage-1 target format (caption + '\\n')."""
+    return [r["conversations"][1]["value"] + "\n" for r in records]
+
+
+def lm_texts(train_records: Sequence[dict], instruct_records: Sequence[dict]) -> List[str]:
+    """Caption-like texts the tiny LLM is pretrained on: the stage-1 captions, then every answer of the
+    instruction records (each + '\\n')."""
+    texts = caption_texts(train_records)
+    for r in instruct_records:
         texts += [c["value"] + "\n" for c in r["conversations"] if c["from"] == "gpt"]
     return texts
+
+
+def lm_corpus(gen: GeneratedData) -> List[str]:
+    """``lm_texts`` of the generated records."""
+    return lm_texts(gen.train_records, gen.instruct_records)
 
 
 def vision_targets(scene: Scene) -> Tuple[List[int], List[int], List[int]]:

@@ -527,7 +527,7 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         benches = list(r["benchmarks"])
         lines += ["## Scores per arm and seed", "", "Each benchmark's headline score (0-100) of every finished chain.",
                   "", "| arm | seed | " + " | ".join(benches) + " |", "|---" * (len(benches) + 2) + "|"]
-        for arm, per_seed in r.get("scores", {}).items():
+        for arm, per_seed in r["scores"].items():
             for seed, per_bench in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
                 lines.append(f"| {arm} | {seed} | " + " | ".join(_f((per_bench.get(b) or {}).get("headline"))
                                                               for b in benches) + " |")

@@ -39,9 +39,12 @@ IMAGE_SAMPLE = 50  # records with an image looked at by the "every image missing
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _UPSTREAM_TOWER_PREFIXES = ("openai", "laion")  # llava/model/multimodal_encoder/builder.py accepts these ids
-UPSTREAM_FAMILIES = "llama, mistral"  # LLM families the upstream host's contrastive classes cover
-_UPSTREAM_MODEL_TYPES = {"llama", "llava_llama", "llava_llama_contrastive", "mistral", "llava_mistral",
-                         "llava_mistral_contrastive"}
+# model_type of a checkpoint's config.json -> the LLM family of the upstream host's contrastive class
+# (none given: Llama, as upstream's train() assumes)
+UPSTREAM_FAMILY_OF_MODEL_TYPE = {
+    "": "llama", "llama": "llama", "llava_llama": "llama", "llava_llama_contrastive": "llama",
+    "mistral": "mistral", "llava_mistral": "mistral", "llava_mistral_contrastive": "mistral"}
+UPSTREAM_FAMILIES = "llama, mistral"
 MPT_UNSUPPORTED = ("upstream's MPT path (LlavaMptForCausalLM) cannot run under this host's pinned stack: its train() "
                    "sets config.attn_config['attn_impl'], but transformers 4.37 loads MPT checkpoints with its own "
                    "MptConfig, whose attn_config is not a dict (MosaicML's remote code, which upstream expects, "
@@ -425,20 +428,31 @@ def check_upstream_family(model: Optional[str], cwd: Optional[str] = None) -> Li
             model_type = json.load(f).get("model_type", "")
     except (OSError, ValueError, AttributeError):
         model_type = None  # a hub id, or no readable config: left to the loader
-    if "mpt" in (model_type or ""):
-        return [error(f"--model_name_or_path {model}: {MPT_UNSUPPORTED}")]
-    if "mpt" in model:  # upstream's train() takes its MPT path for any path containing "mpt"
+    # upstream's train() takes its MPT path for any path containing "mpt", whatever the model is
+    if "mpt" in model and "mpt" not in (model_type or ""):
         return [error(f"--model_name_or_path {model}: the path contains 'mpt', and upstream's train() then loads "
                       f"the model as MPT whatever it is (e.g. a directory under '.../attempt/'). "
                       + ("" if model_type not in (None, "") else f"{MPT_UNSUPPORTED} ")
                       + "Fix: for a Llama or Mistral model, pass a path without 'mpt' in it (a symlink will do).")]
     if model_type is None:
         return []
-    if model_type and model_type not in _UPSTREAM_MODEL_TYPES:
-        return [error(f"--model_name_or_path {model}: model_type {model_type!r} is not a family upstream LLaVA ships "
-                      f"({UPSTREAM_FAMILIES}). Fix: use the transformers-native host (llava-contrastive train --host "
-                      f"hf), which takes any text model LlavaForConditionalGeneration accepts.")]
+    try:
+        upstream_family(model_type)
+    except ValueError as err:
+        return [error(f"--model_name_or_path {model}: {err}")]
     return []
+
+
+def upstream_family(model_type: str) -> str:
+    """The upstream host's LLM family ("llama", "mistral") of a checkpoint's model_type; a ValueError
+    naming the fix for MPT (cannot run under the pinned stack) and for families upstream does not ship."""
+    if model_type in UPSTREAM_FAMILY_OF_MODEL_TYPE:
+        return UPSTREAM_FAMILY_OF_MODEL_TYPE[model_type]
+    if "mpt" in model_type:
+        raise ValueError(MPT_UNSUPPORTED)
+    raise ValueError(f"model_type {model_type!r} is not a family upstream LLaVA ships ({UPSTREAM_FAMILIES}). Fix: use "
+                     f"the transformers-native host (llava-contrastive train --host hf), which takes any text model "
+                     f"LlavaForConditionalGeneration accepts.")
 
 
 # ---- output directory, run settings --------------------------------------------------------------

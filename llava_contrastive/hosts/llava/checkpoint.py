@@ -21,6 +21,14 @@ def gathered(named_params: Iterable[Tuple[str, torch.Tensor]], keys: Iterable[st
     return llava_trainer.get_mm_adapter_state_maybe_zero_3(named_params, list(keys))
 
 
+def non_lora_trainables(named_params: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """CPU copies of the trainable parameters outside LoRA (the projector of a LoRA stage 2), as
+    upstream's train() writes them to non_lora_trainables.bin (its own helper: same keys)."""
+    from llava_contrastive.hosts.llava.compat import upstream_train_module
+
+    return upstream_train_module().get_peft_state_non_lora_maybe_zero_3(named_params, require_grad_only=True)
+
+
 def head_state(model) -> Dict[str, torch.Tensor]:
     """Parameters (gathered) and buffers (queue) of the contrastive head, keys relative to it."""
     head = model.contrastive_head

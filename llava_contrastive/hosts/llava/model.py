@@ -26,7 +26,7 @@ from llava_contrastive.core.pooling import caption_keys, pool, strip_trailing
 from llava_contrastive.hosts.common import ContrastiveModelMixin, contrastive_output_class
 from llava_contrastive.hosts.llava.compat import (IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaConfig, LlavaLlamaForCausalLM,
                                                   LlavaMistralConfig, LlavaMistralForCausalLM)
-from llava_contrastive.training.preflight import MPT_UNSUPPORTED, UPSTREAM_FAMILIES
+from llava_contrastive.training.preflight import upstream_family
 
 
 class _UpstreamTypeOnSave:
@@ -275,14 +275,7 @@ class ContrastiveLlavaMistralForCausalLM(ContrastiveLlavaCausalLMBody, LlavaMist
     config_class = ContrastiveLlavaMistralConfig
 
 
-# model_type of a checkpoint's config.json -> the contrastive class that loads it (none given: Llama,
-# as upstream's train() assumes)
-_FAMILY_BY_MODEL_TYPE = {
-    "": ContrastiveLlavaForCausalLM, "llama": ContrastiveLlavaForCausalLM, "llava_llama": ContrastiveLlavaForCausalLM,
-    ContrastiveLlavaConfig.model_type: ContrastiveLlavaForCausalLM,
-    "mistral": ContrastiveLlavaMistralForCausalLM, "llava_mistral": ContrastiveLlavaMistralForCausalLM,
-    ContrastiveLlavaMistralConfig.model_type: ContrastiveLlavaMistralForCausalLM,
-}
+_CLASS_OF_FAMILY = {"llama": ContrastiveLlavaForCausalLM, "mistral": ContrastiveLlavaMistralForCausalLM}
 
 
 def checkpoint_model_type(model_name_or_path: str) -> str:
@@ -296,14 +289,10 @@ def checkpoint_model_type(model_name_or_path: str) -> str:
 
 def contrastive_class_for(model_name_or_path: str) -> type:
     """The contrastive class for a checkpoint: upstream's family of its model_type (ValueError otherwise)."""
-    model_type = checkpoint_model_type(model_name_or_path)
-    if model_type in _FAMILY_BY_MODEL_TYPE:
-        return _FAMILY_BY_MODEL_TYPE[model_type]
-    if "mpt" in model_type:
-        raise ValueError(f"{model_name_or_path}: {MPT_UNSUPPORTED}")
-    raise ValueError(f"{model_name_or_path}: model_type {model_type!r} is not a family upstream LLaVA ships "
-                     f"({UPSTREAM_FAMILIES}). Fix: use the transformers-native host (--host hf), which takes any "
-                     f"text model LlavaForConditionalGeneration accepts.")
+    try:
+        return _CLASS_OF_FAMILY[upstream_family(checkpoint_model_type(model_name_or_path))]
+    except ValueError as err:
+        raise ValueError(f"{model_name_or_path}: {err}") from None
 
 
 class ContrastiveLlavaAutoForCausalLM:

@@ -99,8 +99,7 @@ class ContrastiveLLaVATrainer(ContrastiveTrainerMixin, LLaVATrainer):
     def _save_non_lora_trainables(self, output_dir: str) -> None:
         if not self._non_lora_checkpointed():
             return
-        state = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters()
-                 if p.requires_grad and "lora_" not in n}
+        state = ckpt.non_lora_trainables(self.model.named_parameters())
         if state and self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             atomic_torch_save(state, os.path.join(output_dir, NON_LORA_FILE))
