@@ -7,7 +7,7 @@
 #   bash scripts/gpu_checklist.sh                 # all steps that the environment allows
 #   DRY_RUN=1 bash scripts/gpu_checklist.sh       # print the commands only
 #   FROM=5 bash scripts/gpu_checklist.sh          # start at step 5
-# Real-model steps (6-8) run only when MODEL, VISION_TOWER, DATA_PATH and IMAGE_FOLDER are set
+# Real-model steps (7-9) run only when MODEL, VISION_TOWER, DATA_PATH and IMAGE_FOLDER are set
 # (e.g. MODEL=lmsys/vicuna-7b-v1.5 VISION_TOWER=openai/clip-vit-large-patch14-336).
 # PYTHON selects the interpreter (your CUDA environment); default: the project's pinned venv.
 set -euo pipefail
@@ -64,6 +64,7 @@ PY
 ngpu() { "$PY" -c "import torch; print(torch.cuda.device_count())"; }
 
 step "environment: driver, CUDA torch, bf16, flash-attn, deepspeed" check_env
+step "what to expect at the real recipe (counted FLOPs, 7B/13B; BENCHMARKS.md)" "$PY" -m llava_contrastive.dev.projection
 step "unit + CPU tests (fast subset)" bash scripts/test.sh -x -q tests/core tests/test_bench.py
 step "tiny stage 1 on 1 GPU (fp32, NTP + InfoNCE)" \
   env NUM_GPUS=1 OUTPUT_DIR="$OUT/tiny-1gpu" bash scripts/pretrain_contrastive.sh --max_steps 20
@@ -85,5 +86,6 @@ real() {  # real NAME EXTRA...: $STEPS steps of the real recipe (bf16, flash-att
 step "real recipe, NTP only (--contrastive_weight 0 = upstream), bf16 + flash-attn 2" real ntp --contrastive_weight 0
 step "real recipe, default contrastive (InfoNCE, text input_embeds)" real infonce
 step "real recipe, text from the prompted LLM pass (prompteol)" real text-llm --contrastive_text_source llm
-echo; echo "all steps passed; compare train_runtime / train_samples_per_second and ntp_loss of the three real runs"
+echo; echo "all steps passed; compare train_runtime / train_samples_per_second and ntp_loss of the three real runs:"
+echo "the projection (step 2) predicts infonce / ntp = 1.000 and text-llm / ntp = 1.02-1.03 in FLOPs (compute-bound time)"
 echo "(logs: trainer output above; memory: nvidia-smi or torch.cuda.max_memory_allocated in your tracker)"

@@ -10,6 +10,7 @@
 #   NUM_GPUS=8  NNODES=1  GLOBAL_BATCH=256  PER_DEVICE_BATCH=32  REPORT_TO=wandb  SAVE_STEPS=200
 #   DEEPSPEED_CONFIG=scripts/zero2.json  PROJECTOR=mlp2x_gelu  CONTRASTIVE_WEIGHT=...  PYTHON=python
 #   MAX_STEPS=N (stop after N optimizer steps; default one epoch)
+#   ELASTIC_DATA_ORDER=True (default; False: transformers' sampler, upstream's order; see README "Reliability")
 # Several nodes: HOSTFILE (DeepSpeed), SLURM (sbatch), or NNODES + NODE_RANK + MASTER_ADDR (torchrun on
 # each node); LAUNCHER picks one explicitly and DRY_RUN=1 prints the plan and command (scripts/lib.sh).
 # PER_DEVICE_BATCH defaults to 32, or GLOBAL_BATCH / ranks when that is smaller.
@@ -40,6 +41,9 @@ resolve_nodes
 plan_batch pretrain_contrastive "$PER_DEVICE_DEFAULT" "$([[ "${CONTRASTIVE_WEIGHT:-1}" == 0 ]] && echo 0 || echo 1)"
 
 ds=(); [[ -n "${DEEPSPEED_CONFIG:-}" ]] && ds=(--deepspeed "$DEEPSPEED_CONFIG")
+# a data order from --seed alone, so a preempted run resumes on another number of GPUs with the same
+# samples at every step (upstream's own entry has no such flag)
+elastic=(); [[ "${TRAIN_MODULE:-llava_contrastive.train}" != llava.* ]] && elastic=(--elastic_data_order "${ELASTIC_DATA_ORDER:-True}")
 steps=(); [[ -n "${MAX_STEPS:-}" ]] && steps=(--max_steps "$MAX_STEPS")   # default: EPOCHS (1) over the data
 launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   "${ds[@]}" \
@@ -48,7 +52,7 @@ launch "${TRAIN_MODULE:-llava_contrastive.train}" \
   --vision_tower "$VISION_TOWER" --mm_projector_type "${PROJECTOR:-mlp2x_gelu}" \
   --tune_mm_mlp_adapter True --mm_vision_select_layer -2 \
   --mm_use_im_start_end False --mm_use_im_patch_token False \
-  "${PRECISION[@]}" "${steps[@]}" \
+  "${PRECISION[@]}" "${steps[@]}" "${elastic[@]}" \
   --output_dir "$OUTPUT_DIR" \
   --num_train_epochs "${EPOCHS:-1}" --per_device_train_batch_size "$PER_DEVICE_BATCH" \
   --per_device_eval_batch_size 4 --gradient_accumulation_steps "$ACCUM" \

@@ -58,3 +58,18 @@ def test_counted_flops_b_equals_a_and_c_within_one_percent(tiny_assets, tmp_path
     # CPU: no allocator statistics, reported as such (None -> "n/a" in the markdown)
     assert counted["a"]["peak_mb"] is None
     assert "n/a" in bench.counted_markdown(counted)
+
+
+def test_median_interval_and_verdicts():
+    from llava_contrastive.dev.bench import median_interval, verdict
+
+    tight = [1.004 + 0.001 * (i % 5) for i in range(30)]  # 1.004 .. 1.008
+    low, high = median_interval(tight)
+    assert 1.004 <= low <= 1.006 <= high <= 1.008
+    assert median_interval(tight) == (low, high)  # seeded: the same interval every call
+    assert verdict(low, high, 1.01) == "met"
+    assert verdict(1.031, 1.035, 1.03) == "missed"
+    assert verdict(1.02, 1.04, 1.03) == "unresolved"  # straddles the target
+    assert verdict(0.95, 1.02, 1.03) == "unresolved"  # below it, but wider than the 3% margin
+    noisy = [0.8, 1.2] * 15
+    assert verdict(*median_interval(noisy), 1.03) == "unresolved"

@@ -25,18 +25,21 @@ Model identity (``model_fingerprint``): sha256 of the name, shape, dtype and ~4,
 values of every parameter of the text decoder except its multimodal parts (projector, vision tower),
 plus the last value of each. Any fine-tune, another checkpoint, or another load dtype changes it;
 it needs no file paths (works for both hosts and converted checkpoints) and costs one strided copy
-per tensor. Parameters partitioned by ZeRO-3 cannot be sampled: refused with the fix.
+per tensor. Parameters partitioned by ZeRO-3 are gathered one at a time for the sample through the
+``gathered`` context the host passes (a collective: every rank opens the cache), so a cache built
+without DeepSpeed serves a ZeRO-3 run of the same weights.
 
 Pure torch (numpy only through ``Tensor.numpy`` for bytes); no transformers import.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
 import json
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -55,21 +58,26 @@ class TextCacheMismatch(ValueError):
     """The cache directory was built for another model / prompt / layer / pooling / dtype."""
 
 
-def model_fingerprint(module: torch.nn.Module, skip: Sequence[str] = MULTIMODAL_NAMES) -> str:
-    """sha256 of the text decoder's weights (see the module docstring), as hex."""
+def model_fingerprint(module: torch.nn.Module, skip: Sequence[str] = MULTIMODAL_NAMES,
+                      gathered: Optional[Callable[[torch.Tensor], ContextManager]] = None) -> str:
+    """sha256 of the text decoder's weights (see the module docstring), as hex. ``gathered(param)``: a
+    context in which a partitioned parameter (DeepSpeed ZeRO-3) is whole; the host supplies it (every
+    rank must call this then: it is a collective)."""
     h = hashlib.sha256()
     params = sorted((n, p) for n, p in module.named_parameters() if not any(s in n for s in skip))
     if not params:
         raise ValueError("model_fingerprint: the text decoder has no parameters")
     for name, p in params:
-        if hasattr(p, "ds_id") and p.numel() == 0:
-            raise ValueError(f"--contrastive_text_cache: parameter {name} is partitioned by DeepSpeed ZeRO-3, so the "
-                             "model's identity cannot be read. Fix: use ZeRO-2 (scripts/zero2.json, upstream's stage-1 "
-                             "recipe) or drop --contrastive_text_cache.")
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES)
-        sample = torch.cat([flat[::step], flat[-1:]]).float().cpu().contiguous()
-        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        partitioned = hasattr(p, "ds_id") and p.numel() == 0
+        if partitioned and gathered is None:
+            raise ValueError(f"--contrastive_text_cache: parameter {name} is partitioned (DeepSpeed ZeRO-3) and no "
+                             "gathering was given to read it")
+        with gathered(p) if partitioned else contextlib.nullcontext():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLES)
+            sample = torch.cat([flat[::step], flat[-1:]]).float().cpu().contiguous()
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+        h.update(f"{name}|{shape}|{p.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
 

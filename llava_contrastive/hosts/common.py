@@ -43,9 +43,12 @@ from llava_contrastive.core.text_cache import (TextEmbeddingCache, cache_identit
 from llava_contrastive.core.text_queue import validate_queue_usage
 from llava_contrastive.data.check import DataCheckError
 from llava_contrastive.data.guard import BAD_RECORDS_KEY
-from llava_contrastive.training.checkpointing import (PROJECTOR_FILE, CheckpointSaveError, checkpoint_dirs,
+from llava_contrastive.training import elastic
+from llava_contrastive.training.checkpointing import (PROJECTOR_FILE, CheckpointSaveError, atomic_torch_save,
+                                                      checkpoint_dirs,
                                                       checkpoint_step, clean_incomplete_checkpoints, dir_bytes,
                                                       free_bytes, is_complete_checkpoint, last_complete_checkpoint,
+                                                      load_head_buffers,
                                                       rotation_victims, save_failure_message, staging_dir,
                                                       verify_checkpoint, write_manifest)
 from llava_contrastive.training.faults import failing_torch_save, fault_step
@@ -182,9 +185,9 @@ class ContrastiveModelMixin:
             raise RuntimeError("--contrastive_text_cache needs the tokenizer: call model.init_contrastive(args, tokenizer)")
         weight = self.get_input_embeddings().weight
         identity = cache_identity(
-            fingerprint=model_fingerprint(self._text_decoder()), text_layer=args.contrastive_text_layer,
+            fingerprint=model_fingerprint(self._text_decoder(), gathered=zero3_gathered), text_layer=args.contrastive_text_layer,
             pooling=args.text_pooling, template=resolve_template(args.contrastive_prompt),
-            prompt_ids=self._prompt_ids, dim=weight.shape[1], dtype=weight.dtype)
+            prompt_ids=self._prompt_ids, dim=tuple(getattr(weight, "ds_shape", weight.shape))[1], dtype=weight.dtype)
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
         self._text_cache = TextEmbeddingCache(args.contrastive_text_cache, identity, writer=f"r{rank}")
         self._text_cache_args = args
@@ -242,8 +245,11 @@ class ContrastiveTrainerMixin:
 
     _saves_trainable_only = True
 
-    def _setup_contrastive(self, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0) -> None:
+    def _setup_contrastive(self, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0,
+                           elastic_data_order: bool = False) -> None:
         self.contrastive_args = contrastive_args
+        self._elastic_order = bool(elastic_data_order)
+        self._elastic_resume = False
         self._contrastive_model = find_contrastive_model(self.model) if contrastive_args.enabled else None
         self._stats = JointLossStats()
         self.nonfinite_guard = NonFiniteGuard(int(nonfinite_max_skips))
@@ -337,13 +343,97 @@ class ContrastiveTrainerMixin:
             out["contrastive_skipped_total"] = self._skipped_terms
         return out
 
+    # ---- data order ------------------------------------------------------------------------------
+    def _get_train_sampler(self, *args, **kwargs):
+        """``--elastic_data_order True``: a permutation from the seed and the epoch only, the same for
+        any number of ranks (training/elastic.py); otherwise the host's sampler."""
+        if not self._elastic_order:
+            return super()._get_train_sampler(*args, **kwargs)
+        dataset = args[0] if args and args[0] is not None else self.train_dataset
+        if getattr(self.args, "group_by_modality_length", False) or getattr(self.args, "group_by_length", False):
+            raise ValueError("--elastic_data_order True orders the data by --seed alone; it cannot be combined with "
+                             "--group_by_modality_length / --group_by_length (their order depends on the world size)")
+        seed = self.args.data_seed if getattr(self.args, "data_seed", None) is not None else self.args.seed
+        return elastic.SeededOrderSampler(len(dataset), seed)
+
     # ---- checkpoints ----------------------------------------------------------------------------
+    def _run_shape(self) -> elastic.RunShape:
+        cfg = getattr(self.args, "hf_deepspeed_config", None) if self.is_deepspeed_enabled else None
+        stage = int(cfg.config.get("zero_optimization", {}).get("stage", 0)) if cfg is not None else None
+        return elastic.RunShape(self.args.world_size, self.args.per_device_train_batch_size,
+                                self.args.gradient_accumulation_steps, self._elastic_order, stage)
+
     def _save_optimizer_and_scheduler(self, output_dir):
         if fault_step("kill_in_save") == self.state.global_step:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with the checkpoint half-written
         enabled = self.is_deepspeed_enabled and self._saves_trainable_only
         with trainable_only_engine_save(self.model_wrapped, enabled=enabled):
-            return super()._save_optimizer_and_scheduler(output_dir)
+            result = super()._save_optimizer_and_scheduler(output_dir)
+        # the world-size-independent part: how the run was split, and (stage 1) the trainable state by
+        # name (a collective under ZeRO-2/3)
+        state = elastic.gather_named_state(self.model.named_parameters(), self._engine_optimizer(),
+                                           self.state.global_step) if self._saves_trainable_only else None
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            if state is not None:
+                atomic_torch_save(state, os.path.join(output_dir, elastic.STATE_FILE))
+            elastic.write_shape(output_dir, self._run_shape())
+        return result
+
+    def _engine_optimizer(self):
+        """The optimizer that holds the state: DeepSpeed's ZeRO optimizer, else the Trainer's."""
+        return self.model_wrapped.optimizer if self.is_deepspeed_enabled else self.optimizer
+
+    def _plan_elastic_resume(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint`` was written with another split of the global batch (ranks, DeepSpeed
+        stage); logs what carries over; ValueError when it cannot continue as the same run."""
+        gathered = self._contrastive_model is not None and self.contrastive_args.contrastive_gather
+        cross, notes = elastic.resume_plan(elastic.read_shape(checkpoint), self._run_shape(), checkpoint, gathered)
+        if cross and not os.path.isfile(os.path.join(checkpoint, elastic.STATE_FILE)):
+            saved = elastic.read_shape(checkpoint)
+            raise ValueError(f"{checkpoint} holds no world-size-independent state ({elastic.STATE_FILE}: stage-1 "
+                             f"checkpoints only); resume it as it was written: {saved.describe() if saved else ''}")
+        if self.args.should_log:
+            for note in notes:
+                logger.warning("%s", note)
+        return cross
+
+    def _restore_elastic_state(self, checkpoint: str, module, optimizer) -> None:
+        """Trainable weights and Adam moments from the world-size-independent state, and the head's
+        buffers (the text queue) from its file."""
+        path = os.path.join(checkpoint, elastic.STATE_FILE)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        n = elastic.restore_named_state(module.named_parameters(), optimizer, state, path)
+        target = find_contrastive_model(module)
+        buffers = load_head_buffers(target, checkpoint) if target is not None else 0
+        logger.info("restored %d trainable tensors and their Adam moments (step %d) from %s, %d head buffer(s)", n,
+                    state["step"], path, buffers)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return None
+        plain = not self.is_deepspeed_enabled and not getattr(self, "is_fsdp_enabled", False)
+        if self._elastic_resume:
+            if plain:  # DeepSpeed: restored by deepspeed_nonstrict_resume, before this call
+                self._restore_elastic_state(checkpoint, self.model, self.optimizer)
+            self._load_scheduler(checkpoint)
+            # the optimizer's current learning rates are part of its own state file, not of the
+            # scheduler's: the step after the resume runs at the scheduled rate
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
+            return None
+        if plain and self.args.world_size > 1 and self.args.device.type == "cpu":
+            # CPU ranks: transformers 4.37 maps the optimizer file to args.device ("cpu:0"), which
+            # torch.load cannot restore; the same files, mapped to "cpu"
+            self.optimizer.load_state_dict(torch.load(os.path.join(checkpoint, "optimizer.pt"), map_location="cpu",
+                                                      weights_only=True))
+            return self._load_scheduler(checkpoint)
+        return super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scheduler(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, "scheduler.pt")
+        if os.path.isfile(path):
+            self.lr_scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self._saves_trainable_only and os.path.isfile(os.path.join(resume_from_checkpoint, PROJECTOR_FILE)):
@@ -437,6 +527,7 @@ class ContrastiveTrainerMixin:
         if found is None and required:
             raise ValueError(f"no intact checkpoint-* in {out} to resume from")
         self._verified_checkpoint = found
+        self._elastic_resume = self._plan_elastic_resume(found) if found else False
         return found
 
     def _train_guarded(self, train: Callable[[], object]):
@@ -448,7 +539,7 @@ class ContrastiveTrainerMixin:
             clean_incomplete_checkpoints(self.args.output_dir)
         self.accelerator.wait_for_everyone()
         nonstrict = self._saves_trainable_only and self.is_deepspeed_enabled
-        with deepspeed_nonstrict_resume() if nonstrict else contextlib.nullcontext():
+        with deepspeed_nonstrict_resume(self) if nonstrict else contextlib.nullcontext():
             try:
                 return train()
             except DataCheckError as err:
@@ -467,6 +558,13 @@ def _decided_on_main(decide: Callable[[], tuple], args) -> tuple:
     box = [decide() if args.process_index == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def zero3_gathered(param: torch.Tensor):
+    """A context in which a parameter partitioned by DeepSpeed ZeRO-3 is whole, for reading (a collective)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
 
 
 @contextlib.contextmanager
@@ -490,15 +588,20 @@ def trainable_only_engine_save(engine, enabled: bool = True):
 
 
 @contextlib.contextmanager
-def deepspeed_nonstrict_resume():
+def deepspeed_nonstrict_resume(trainer=None):
     """The engine checkpoint holds no frozen parameters, so the Trainer's DeepSpeed resume must load
     the module non-strictly (transformers does so only for PEFT models; 4.37's loader has no flag for
-    it, hence the engine call here). The frozen weights stay as ``from_pretrained`` loaded them."""
+    it, hence the engine call here). The frozen weights stay as ``from_pretrained`` loaded them. A
+    checkpoint written on another world size or DeepSpeed stage (``trainer._elastic_resume``) is
+    restored from its world-size-independent state instead of the engine's partitioned files."""
     import transformers.trainer as hf_trainer
 
     original = hf_trainer.deepspeed_load_checkpoint
 
     def load(engine, checkpoint_path, *args, **kwargs):
+        if trainer is not None and trainer._elastic_resume:
+            trainer._restore_elastic_state(checkpoint_path, engine.module, engine.optimizer)
+            return
         if not glob.glob(os.path.join(checkpoint_path, "global_step*")):
             raise ValueError(f"{checkpoint_path}: no DeepSpeed checkpoint (global_step*) in it; it was not written "
                              "by a --deepspeed run (resume it without --deepspeed, or start a new output_dir)")

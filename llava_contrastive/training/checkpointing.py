@@ -99,6 +99,21 @@ def load_head(model, directory: str, for_evaluation: bool = False) -> None:
     head.load_state_dict(state, strict=True)
 
 
+def load_head_buffers(model, directory: str) -> int:
+    """Only the buffers (the text queue) of ``model.contrastive_head`` from ``directory``'s head file;
+    its parameters come from elsewhere (e.g. a world-size-independent optimizer state). Returns how
+    many buffers were loaded."""
+    head = getattr(model, "contrastive_head", None)
+    buffers = dict(head.named_buffers()) if head is not None else {}
+    if not buffers:
+        return 0
+    state = load_file(os.path.join(directory, HEAD_FILE))
+    with torch.no_grad():
+        for name, buf in buffers.items():
+            buf.copy_(state[name])
+    return len(buffers)
+
+
 # ---- checkpoint directories ----------------------------------------------------------------------
 def checkpoint_step(name: str) -> Optional[int]:
     """N for a directory named ``checkpoint-N``, else None."""

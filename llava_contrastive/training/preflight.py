@@ -531,6 +531,14 @@ def _normalise_path(value: Optional[str], cwd: str) -> Optional[str]:
     return os.path.realpath(full) if os.path.exists(full) or looks_local(value, cwd) else value
 
 
+def global_batch_fix(global_batch: int, world: int, accumulation: int) -> str:
+    """The flag that keeps ``global_batch`` on ``world`` ranks with ``accumulation`` (resume advice)."""
+    per_device, rest = divmod(global_batch, max(1, world * accumulation))
+    if not rest and per_device:
+        return f"--per_device_train_batch_size {per_device}"
+    return f"a per-device batch x gradient accumulation that multiplies to {global_batch} over {world} rank(s)"
+
+
 def run_settings(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None,
                  cached_data: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """{"compared": what must match on resume, "info": the rest worth recording}."""
@@ -631,6 +639,11 @@ def check_output_dir(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = 
                                        f"that the settings match.")]
         saved = {"compared": legacy}
     diff = differences(saved["compared"], new)
+    batch = next(((a, b) for n, a, b in diff if n == "global_batch"), None)
+    if batch and isinstance(batch[0], int):
+        world = int(env.get("WORLD_SIZE", "1") or 1)
+        fix = (f"Fix: to resume on {world} rank(s), keep the global batch {batch[0]} with "
+               f"{global_batch_fix(batch[0], world, cmd['gradient_accumulation_steps'])}; or " + fix[5].lower() + fix[6:])
     if diff:
         listed = "; ".join(
             f"model files differ ({_model_files_changes(a, b)})" if n == "model_files"

@@ -41,12 +41,12 @@ def _precompute(tiny_assets, data: Path, cache: Path, *extra: str, check=True, l
                     check=check, log=log)
 
 
-def _train(tiny_assets, tc_work, data, initial_projector, name, extra=(), nproc=1, check=True):
+def _train(tiny_assets, tc_work, data, initial_projector, name, extra=(), nproc=1, check=True, zero=None):
     out = tc_work / name
     args = runs.stage1_args(tiny_assets, out, steps=STEPS, batch=8 // nproc, extra=[
         "--data_path", str(data), "--pretrain_mm_mlp_adapter", str(initial_projector), *LLM_TEXT, *extra])
     if nproc > 1:
-        args += ["--deepspeed", str(runs.ZERO2)]
+        args += ["--deepspeed", str(zero or runs.ZERO2)]
     proc = runs.run("llava_contrastive.train", args, nproc=nproc, check=check, log=tc_work / f"{name}.log")
     return out, proc
 
@@ -113,6 +113,18 @@ def test_two_ranks_cached_losses_equal_live(tiny_assets, tc_work, sixteen, initi
     pre, _ = _train(tiny_assets, tc_work, sixteen, initial_projector, "cached2",
                     ["--contrastive_text_cache", str(precomputed)], nproc=2)
     _same_losses(live, pre)
+
+
+@pytest.mark.distributed
+def test_zero3_cached_losses_equal_live(tiny_assets, tc_work, sixteen, initial_projector, precomputed):
+    """ZeRO-3 partitions the LLM: its identity is read by gathering each weight, so the cache built
+    without DeepSpeed serves the partitioned run, with the live run's losses."""
+    live, _ = _train(tiny_assets, tc_work, sixteen, initial_projector, "live_z3", nproc=2, zero=runs.ZERO3)
+    before = {p.name: p.stat().st_size for p in precomputed.iterdir()}
+    pre, _ = _train(tiny_assets, tc_work, sixteen, initial_projector, "cached_z3",
+                    ["--contrastive_text_cache", str(precomputed)], nproc=2, zero=runs.ZERO3)
+    _same_losses(live, pre)
+    assert {p.name: p.stat().st_size for p in precomputed.iterdir()} == before  # all found, nothing appended
 
 
 def test_cache_for_another_layer_or_prompt_is_refused(tiny_assets, tc_work, sixteen, initial_projector, precomputed):

@@ -74,6 +74,7 @@ from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
 from llava_contrastive.hosts.hf.launch import (init_distributed_for_deepspeed, joined_report_to, logging_dir_to_env,
                                               split_report_to, with_cpu_flag)
 from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
+from llava_contrastive.training.elastic import ElasticArguments
 from llava_contrastive.training.checkpointing import (TRAINER_STATE_FILE, CheckpointSaveError,
                                                       commit_staged, staging_dir,
                                                       write_manifest)
@@ -102,13 +103,14 @@ class ContrastiveHFTrainer(ContrastiveTrainerMixin, Trainer):
     """transformers.Trainer + the joint-loss bookkeeping of hosts/common.py (head optimizer group,
     step guard, logs averaged over ranks, trainable-only checkpoints)."""
 
-    def __init__(self, *a, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0, **kw):
+    def __init__(self, *a, contrastive_args: ContrastiveArguments, nonfinite_max_skips: int = 0,
+                 elastic_data_order: bool = False, **kw):
         super().__init__(*a, **kw)
         # transformers 5 divides the NTP by the token count of all ranks and multiplies the loss by the
         # world size: that factor would multiply the contrastive term too (it is already a global
         # mean on every rank). Per-rank means averaged over ranks instead, as upstream's trainer does.
         self.model_accepts_loss_kwargs = False
-        self._setup_contrastive(contrastive_args, nonfinite_max_skips)
+        self._setup_contrastive(contrastive_args, nonfinite_max_skips, elastic_data_order)
 
     def _load_stage1_weights(self, model, directory: str) -> None:
         ckpt.load_stage1_weights(model, directory)
@@ -226,8 +228,8 @@ def run(argv=None) -> Trainer:
     run_preflight(argv, host="hf")  # user errors: exit 2 here, before any model loads
     argv = strip_flag(argv, "overwrite_output_dir")  # acted on by pre-flight; transformers 5 has no such flag
     parser = HfArgumentParser((ModelArguments, DataArguments, DataCheckArguments, NonFiniteArguments,
-                               TrainingArguments, ContrastiveArguments))
-    margs, dargs, check_args, nargs, targs, cargs = parser.parse_args_into_dataclasses(
+                               ElasticArguments, TrainingArguments, ContrastiveArguments))
+    margs, dargs, check_args, nargs, eargs, targs, cargs = parser.parse_args_into_dataclasses(
         args=with_cpu_flag(joined_report_to(logging_dir_to_env(argv))))
     split_report_to(targs)
     targs.remove_unused_columns = False
@@ -266,7 +268,8 @@ def run(argv=None) -> Trainer:
     trainer = ContrastiveHFTrainer(model=model, args=targs, train_dataset=dataset,
                                    data_collator=FlaggingCollator(Collator(processor.tokenizer.pad_token_id)),
                                    processing_class=processor, contrastive_args=cargs,
-                                   nonfinite_max_skips=nargs.nonfinite_max_skips)
+                                   nonfinite_max_skips=nargs.nonfinite_max_skips,
+                                   elastic_data_order=eargs.elastic_data_order)
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint, auto_resume=True)
     save_stage1(trainer, model, processor, targs.output_dir)
     return trainer

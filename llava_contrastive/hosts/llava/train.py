@@ -44,9 +44,10 @@ def make_training_arguments(upstream_cls):
         ContrastiveArguments.from_object(self).validate()
 
     from llava_contrastive.hosts.llava.args import HostArguments
+    from llava_contrastive.training.elastic import ElasticArguments
 
     extra = [(f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
-             for cls in (ContrastiveArguments, HostArguments) for f in dataclasses.fields(cls)]
+             for cls in (ContrastiveArguments, HostArguments, ElasticArguments) for f in dataclasses.fields(cls)]
     cls = dataclasses.make_dataclass("ContrastiveTrainingArguments", extra, bases=(upstream_cls,),
                                      namespace={"__post_init__": __post_init__, "__module__": __name__})
     globals()[cls.__name__] = cls  # picklable: the Trainer saves training_args.bin (stage-2 saves)

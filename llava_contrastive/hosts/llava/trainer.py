@@ -45,7 +45,8 @@ class ContrastiveLLaVATrainer(ContrastiveTrainerMixin, LLaVATrainer):
             _require_plain_template()
             target.init_contrastive(cargs, tokenizer)
         super().__init__(model=model, args=args, tokenizer=tokenizer, **kwargs)
-        self._setup_contrastive(cargs, nonfinite_max_skips=getattr(args, "nonfinite_max_skips", 0))
+        self._setup_contrastive(cargs, nonfinite_max_skips=getattr(args, "nonfinite_max_skips", 0),
+                                elastic_data_order=getattr(args, "elastic_data_order", False))
         if self._contrastive_model is not None:
             logger.info("contrastive: %s weight=%g T0=%g learnable=%s text=%s/%s image=%s/%s head=%s gather=%s "
                         "dedup=%s queue=%d", cargs.contrastive_loss, cargs.contrastive_weight, cargs.temperature,
