@@ -69,7 +69,7 @@ def test_median_interval_and_verdicts():
     assert median_interval(tight) == (low, high)  # seeded: the same interval every call
     assert verdict(low, high, 1.01) == "met"
     assert verdict(1.031, 1.035, 1.03) == "missed"
-    assert verdict(1.02, 1.04, 1.03) == "unresolved"  # straddles the target
-    assert verdict(0.95, 1.02, 1.03) == "unresolved"  # below it, but wider than the 3% margin
+    assert verdict(1.02, 1.04, 1.03) == "unresolved"  # contains the target
+    assert verdict(0.95, 1.02, 1.03) == "met"  # wider than the 3% margin, but all of it below
     noisy = [0.8, 1.2] * 15
     assert verdict(*median_interval(noisy), 1.03) == "unresolved"
