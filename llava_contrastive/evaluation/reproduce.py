@@ -702,6 +702,38 @@ def prepare_questions(a: argparse.Namespace, assets: Assets) -> Dict[str, int]:
     return sizes
 
 
+# ---------------------------------------------------------------- archive
+# What a finished cell needs to be reused and reported without its models: its markers, the stage-1
+# alignment report and trainer log, the benchmark scores (per question).
+ARCHIVED = {"stage1": ("eval/report.json", "trainer_state.json", "config.json"),
+            "stage2": ("trainer_state.json",),
+            "bench": ("*_validation.json", "*_test.json")}
+
+
+def archive_cells(chains: Sequence[Sequence[Cell]], out: Path, dest: Path) -> int:
+    """Copy the small files of every finished cell (``ARCHIVED``, DONE.json, SETTINGS.json) from ``out``
+    to ``dest`` under the same relative paths; returns the number of cells archived. Copied back into
+    the same ``--output_dir`` path (the cells' settings name absolute paths), they make a rerun reuse
+    those cells (and ``--report_only`` report them) on another machine, without the models (hundreds
+    of kilobytes per chain instead of megabytes)."""
+    import shutil
+
+    n = 0
+    for chain in chains:
+        for cell in chain:
+            if cell_state(cell) != "done":
+                continue
+            rel = cell.dir.relative_to(out)
+            patterns = (MARKER, STARTED, *ARCHIVED[cell.stage])
+            for pattern in patterns:
+                for src in sorted(cell.dir.glob(pattern)):
+                    target = dest / rel / src.relative_to(cell.dir)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target)
+            n += 1
+    return n
+
+
 # ---------------------------------------------------------------- entry
 
 
@@ -732,6 +764,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="OMP threads per job (0: cores // jobs)")
     p.add_argument("--force", action="store_true", help="redo finished cells whose settings changed")
     p.add_argument("--report_only", action="store_true", help="run nothing; report the finished cells")
+    p.add_argument("--archive", metavar="DIR", help="also copy the small files of every finished cell (markers, "
+                   "stage-1 reports, benchmark scores; no models) to DIR; copied back into --output_dir, a rerun "
+                   "reuses those cells")
     p.add_argument("--bootstrap_draws", type=int, default=2000)
     p.add_argument("--bootstrap_seed", type=int, default=0)
     a = p.parse_args(list(argv))
@@ -802,6 +837,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     _write_json(out / f"{stem}.json", report)
     (out / f"{stem}.md").write_text(render_markdown(json.loads((out / f"{stem}.json").read_text())))
     plot_report(report, out / f"{stem}.png")
+    if a.archive:
+        n = archive_cells(chains, out, Path(a.archive).absolute())
+        print(f"[reproduce] archived {n} finished cell(s) to {a.archive}", flush=True)
     return report
 
 

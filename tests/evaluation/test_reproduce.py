@@ -206,6 +206,18 @@ def test_smoke_end_to_end_and_resume(tiny_assets, tmp_path, capsys):
     assert all(c["reused"] for c in again["cells"]) and len(again["cells"]) == 6
     assert again["comparisons"] == report["comparisons"]
     assert time.time() - t0 < first / 2
+    # the archive (no models), copied back into an emptied output directory (a new machine): every
+    # cell reused, the same report (the cells' settings name their absolute paths: same --output_dir)
+    import shutil
+
+    archive = tmp_path / "archive"
+    R.run([*argv, "--report_only", "--archive", str(archive)])
+    assert not list(archive.rglob("*.bin")) and not list(archive.rglob("*.safetensors"))
+    shutil.rmtree(out)
+    shutil.copytree(archive, out)
+    restored = R.run(argv)
+    assert all(c["reused"] for c in restored["cells"]) and len(restored["cells"]) == 6
+    assert restored["comparisons"] == report["comparisons"] and restored["alignment"] == report["alignment"]
     # a changed setting of finished cells is refused before any work (exit 2)
     capsys.readouterr()
     assert R.main([*argv, "--stage2_steps", "4"]) == 2
