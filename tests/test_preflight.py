@@ -414,3 +414,13 @@ def test_not_compared_and_compared_are_disjoint():
     for host in pf.HOSTS:
         assert not set(pf.COMPARED[host]) & set(pf.NOT_COMPARED)
     assert all(reason for reason in pf.NOT_COMPARED.values())
+
+
+@pytest.mark.parametrize("model_type", ["siglip_vision_model", "siglip"])
+def test_upstream_host_refuses_a_siglip_tower_naming_the_native_host(tree, model_type):
+    (tree / "tower" / "config.json").write_text(json.dumps({"model_type": model_type}))
+    message = only(check(tree), "error")
+    assert f"a {model_type!r} tower" in message and "CLIPVisionTower loads only CLIP" in message
+    assert "--host hf" in message and f"--vision_dir {tree / 'tower'}" in message
+    (tree / "tower" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    assert check(tree) == []

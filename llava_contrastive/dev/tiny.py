@@ -204,20 +204,23 @@ def _build_into(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, 
         return _build_steps(tmp_root, seed, s, log)
 
 
-def _build_vision(paths: "TinyAssets", seed: int, s: Dict[str, Any], gen, log) -> Dict[str, Any]:
-    """Pretrain the tiny vision tower on the scenes' per-quadrant attributes (see tiny_models.pretrain_vision)."""
+def _build_vision(paths: "TinyAssets", seed: int, s: Dict[str, Any], gen, log, tower: str = "clip",
+                  out: Optional[Path] = None) -> Dict[str, Any]:
+    """Pretrain the tiny vision tower (CLIP, or SigLIP into ``out``) on the scenes' per-quadrant
+    attributes (see tiny_models.pretrain_vision)."""
     from llava_contrastive.dev import tiny_data as D
     from llava_contrastive.dev import tiny_models as M
 
     vs = s["vision_shape"]
-    log(f"[tiny] vision ({s['tier']} tier): CLIPVisionModel {vs['image_size']}px/{vs['patch_size']} "
-        f"h{vs['hidden_size']} x{vs['num_hidden_layers']} layers, {s['vision_steps']} steps x {s['vision_batch_size']}")
+    log(f"[tiny] vision ({s['tier']} tier): {M.vision_model_class(tower).__name__} {vs['image_size']}px/"
+        f"{vs['patch_size']} h{vs['hidden_size']} x{vs['num_hidden_layers']} layers, {s['vision_steps']} steps x "
+        f"{s['vision_batch_size']}")
     targets = [D.vision_targets(sc) for sc in gen.train_scenes]
     held_scenes = _unseen_scenes(seed, 500, gen.signatures)
     heldout = ([D.jpeg_bytes(D.render_scene(sc)) for sc in held_scenes], [D.vision_targets(sc) for sc in held_scenes])
     n_classes = (1 + len(D.COLOR_NAMES), 1 + len(D.SHAPES), 1 + len(D.SIZES))
-    return M.pretrain_vision(gen.train_jpegs, targets, paths.vision_dir, seed, n_classes, s["vision_steps"],
-                             s["vision_batch_size"], s["vision_lr"], log=log, shape=vs, heldout=heldout)
+    return M.pretrain_vision(gen.train_jpegs, targets, out or paths.vision_dir, seed, n_classes, s["vision_steps"],
+                             s["vision_batch_size"], s["vision_lr"], log=log, shape=vs, heldout=heldout, tower=tower)
 
 
 def _build_steps(tmp_root: Path, seed: int, s: Dict[str, Any], log) -> Dict[str, Any]:
@@ -375,6 +378,34 @@ def build_tiny_assets(
     return paths
 
 
+def _cached_part(out: Path, key: Dict[str, Any], build, force: bool = False) -> Path:
+    """``out`` if its STAMP.json matches ``key``; else ``build(tmp)`` (returns metrics) into a temporary
+    sibling, stamped and swapped in whole, so a killed build never leaves a half-written ``out``."""
+    stamp = out / STAMP_NAME
+    if not force and stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items()
+                                          if k != "metrics"} == key:
+        return out
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        metrics = build(tmp)
+        _write_json_atomic(tmp / STAMP_NAME, {**key, "metrics": metrics})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _base_stamp(assets: TinyAssets) -> Dict[str, Any]:
+    base = read_stamp(assets.root)
+    if base is None:
+        raise FileNotFoundError(f"{assets.root}: no tiny assets (build them first: python -m llava_contrastive.tiny)")
+    return base
+
+
 def family_llm_dir(assets: TinyAssets, family: str) -> Path:
     """The tiny LLM of ``family``: the default Llama (``models/vicuna-tiny``) or ``models/<family>-tiny``."""
     return assets.llm_dir if family == "llama" else assets.root / "models" / f"{family}-tiny"
@@ -393,23 +424,15 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
         return assets.llm_dir
     if family not in M.LLM_FAMILIES:
         raise ValueError(f"unknown LLM family {family!r}: choose one of {', '.join(M.LLM_FAMILIES)}")
-    base = read_stamp(assets.root)
-    if base is None:
-        raise FileNotFoundError(f"{assets.root}: no tiny assets (build them first: python -m llava_contrastive.tiny)")
+    base = _base_stamp(assets)
     out = family_llm_dir(assets, family)
     key = {"family": family, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
-    stamp = out / STAMP_NAME
-    if not force and stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items()
-                                          if k != "metrics"} == key:
-        return out
     log = print if verbose else (lambda msg: None)
-    from transformers import AutoTokenizer
-
     s = base["settings"]
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def build(tmp: Path) -> Dict[str, Any]:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
         tok.save_pretrained(str(tmp))
         texts = D.lm_texts(json.loads(assets.pretrain_json.read_text()), json.loads(assets.instruct_json.read_text()))
@@ -419,15 +442,50 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
         with _one_thread():  # as the default assets
             metrics = M.pretrain_llm(tok, texts, tmp, seed, s["lm_steps"], s["lm_batch_size"], s["lm_lr"], log=log,
                                      shape=s["llm_shape"], heldout_texts=held, family=family)
-        _write_json_atomic(tmp / STAMP_NAME, {**key, "metrics": metrics})
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"[tiny] {family} LLM: {out} (final LM loss {metrics['lm_final_loss']}, held-out caption loss "
-        f"{metrics.get('lm_heldout_loss')})")
-    return out
+        log(f"[tiny] {family} LLM: {out} (final LM loss {metrics['lm_final_loss']}, held-out caption loss "
+            f"{metrics.get('lm_heldout_loss')})")
+        return metrics
+
+    return _cached_part(out, key, build, force)
+
+
+def family_vision_dir(assets: TinyAssets, tower: str) -> Path:
+    """The tiny tower ``tower``: the default CLIP (``models/clip-vit-tiny``) or ``models/<tower>-tiny``."""
+    return assets.vision_dir if tower == "clip" else assets.root / "models" / f"{tower}-tiny"
+
+
+def build_family_vision(assets: TinyAssets, tower: str, seed: int = 0, force: bool = False,
+                        verbose: bool = False) -> Path:
+    """Build (or reuse) the tiny vision tower ``tower`` (``siglip``) beside the default assets: the same
+    shape, scenes (drawn again from the assets' seed), per-patch attribute targets and training knobs
+    as the assets' CLIP, its own architecture (no class token) and preprocessing; cached with a
+    STAMP.json of its own (keyed by the assets' stamp, the tower and the seed)."""
+    from llava_contrastive.dev import tiny_data as D
+    from llava_contrastive.dev import tiny_models as M
+
+    if tower == "clip":
+        return assets.vision_dir
+    M.cls_tokens(tower)  # known tower, or ValueError
+    base = _base_stamp(assets)
+    out = family_vision_dir(assets, tower)
+    key = {"tower": tower, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
+    log = print if verbose else (lambda msg: None)
+    s = base["settings"]
+
+    def build(tmp: Path) -> Dict[str, Any]:
+        scratch = out.parent / f"{out.name}.scenes-{os.getpid()}"
+        try:
+            with _one_thread():  # as the default assets
+                gen = D.generate_data(scratch, base["seed"], s["n_train"], s["n_heldout"], s["n_instruct"],
+                                      s["text_only_frac"])
+                metrics = _build_vision(assets, seed, s, gen, log, tower=tower, out=tmp)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log(f"[tiny] {tower} tower: {out} (loss {metrics['vision_final_loss']}, held-out per-token colour "
+            f"{metrics.get('vision_heldout_colour')}, shape {metrics.get('vision_heldout_shape')})")
+        return metrics
+
+    return _cached_part(out, key, build, force)
 
 
 def main(argv=None) -> int:
@@ -442,6 +500,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llm", default="llama", choices=["llama", "mistral", "qwen2"],
                     help="also build the tiny LLM of this family beside the default Llama "
                          "(models/<family>-tiny: same tokenizer, corpus and shape, its own pretraining)")
+    ap.add_argument("--vision", default="clip", choices=["clip", "siglip"],
+                    help="also build the tiny vision tower of this kind beside the default CLIP "
+                         "(models/<tower>-tiny: same shape, scenes and targets, its own pretraining)")
     args = ap.parse_args(argv)
     t0 = time.time()
     root = Path(TIER_ROOTS[args.tier] if args.root is None else args.root).absolute()
@@ -458,6 +519,9 @@ def main(argv=None) -> int:
     if args.llm != "llama":
         llm = build_family_llm(paths, args.llm, seed=args.seed, force=args.force, verbose=True)
         print(f"  {args.llm + '_llm_dir':22s} {llm}")
+    if args.vision != "clip":
+        tower = build_family_vision(paths, args.vision, seed=args.seed, force=args.force, verbose=True)
+        print(f"  {args.vision + '_vision_dir':22s} {tower}")
     return 0
 
 

@@ -228,16 +228,44 @@ def lm_token_loss(model, ids: Sequence[Sequence[int]], batch_size: int = 64) -> 
 # ----------------------------------------------------------------------------- vision tower
 
 
-def vision_config(shape: Optional[Dict[str, int]] = None):
-    """CLIPVisionConfig of a tiny tower; ``shape`` (image/patch/hidden size, layers, heads)
-    defaults to the tiny tier."""
-    from transformers import CLIPVisionConfig
+VISION_TOWERS = ("clip", "siglip")
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+def _check_tower(tower: str) -> None:
+    if tower not in VISION_TOWERS:
+        raise ValueError(f"unknown vision tower {tower!r}: choose one of {', '.join(VISION_TOWERS)}")
+
+
+def cls_tokens(tower: str) -> int:
+    """Tokens before the patch tokens in the tower's hidden states: CLIP's class token; SigLIP has none."""
+    _check_tower(tower)
+    return 1 if tower == "clip" else 0
+
+
+def vision_model_class(tower: str):
+    _check_tower(tower)
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    return CLIPVisionModel if tower == "clip" else SiglipVisionModel
+
+
+def vision_config(shape: Optional[Dict[str, int]] = None, tower: str = "clip"):
+    """Config of a tiny ``tower`` (CLIPVisionConfig / SiglipVisionConfig); ``shape`` (image/patch/hidden
+    size, layers, heads) defaults to the tiny tier."""
+    _check_tower(tower)
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     sh = dict(_default_shape("vision"), **(shape or {}))
     if (sh["image_size"] // sh["patch_size"]) % 2 or sh["image_size"] % sh["patch_size"]:
         raise ValueError(
             f"vision shape {sh}: image_size/patch_size must be an even integer (quadrants on patch borders)"
         )
+    if tower == "siglip":
+        return SiglipVisionConfig(image_size=sh["image_size"], patch_size=sh["patch_size"],
+                                  hidden_size=sh["hidden_size"], intermediate_size=sh["intermediate_size"],
+                                  num_hidden_layers=sh["num_hidden_layers"],
+                                  num_attention_heads=sh["num_attention_heads"], num_channels=3)
     return CLIPVisionConfig(
         image_size=sh["image_size"],
         patch_size=sh["patch_size"],
@@ -251,9 +279,13 @@ def vision_config(shape: Optional[Dict[str, int]] = None):
     )
 
 
-def image_processor(image_size: int = 64):
-    from transformers import CLIPImageProcessor
+def image_processor(image_size: int = 64, tower: str = "clip"):
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
 
+    if tower == "siglip":  # SigLIP's own preprocessing: resize to a square, mean = std = 0.5
+        return SiglipImageProcessor(size={"height": image_size, "width": image_size}, do_resize=True,
+                                    do_rescale=True, do_normalize=True, image_mean=SIGLIP_MEAN,
+                                    image_std=SIGLIP_STD, resample=3)
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -281,10 +313,10 @@ def images_to_uint8(jpegs: Sequence[bytes], image_size: int = 64) -> torch.Tenso
     return torch.from_numpy(np.stack([load(b) for b in jpegs])).permute(0, 3, 1, 2).contiguous()
 
 
-def normalise_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> CLIP-normalised float (rescale 1/255, mean/std), as the processor."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+def normalise_uint8(x: torch.Tensor, tower: str = "clip") -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> normalised float (rescale 1/255, the tower's mean/std), as its processor."""
+    mean = torch.tensor(CLIP_MEAN if tower == "clip" else SIGLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD if tower == "clip" else SIGLIP_STD).view(1, 3, 1, 1)
     return (x.float().div_(255.0) - mean) / std
 
 
@@ -329,13 +361,15 @@ def _patch_targets(targets: Sequence[tuple], quad: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def _head_accuracy(
-    model, head: _PatchHead, x_u8: torch.Tensor, tp: torch.Tensor, batch_size: int = 256
+    model, head: _PatchHead, x_u8: torch.Tensor, tp: torch.Tensor, batch_size: int = 256, tower: str = "clip"
 ) -> Dict[str, float]:
     """Held-out per-token accuracy of the penultimate-layer head: colour/shape/size on occupied, presence on all."""
     preds = []
+    cls = cls_tokens(tower)
     for i in range(0, x_u8.shape[0], batch_size):
-        hs = model(pixel_values=normalise_uint8(x_u8[i : i + batch_size]), output_hidden_states=True).hidden_states[-2]
-        preds.append(torch.stack([lg.argmax(-1) for lg in head(hs[:, 1:])], -1))
+        pixels = normalise_uint8(x_u8[i : i + batch_size], tower)
+        hs = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        preds.append(torch.stack([lg.argmax(-1) for lg in head(hs[:, cls:])], -1))
     pr = torch.cat(preds)  # (N, P, 3)
     occ = tp[..., 0] > 0
     names = ("colour", "shape", "size")
@@ -344,13 +378,14 @@ def _head_accuracy(
     return out
 
 
-def _patch_head_loss(model, heads, pixels: torch.Tensor, tp: torch.Tensor):
-    """(summed cross-entropy of the penultimate and last layer heads, their per-token accuracies)."""
+def _patch_head_loss(model, heads, pixels: torch.Tensor, tp: torch.Tensor, cls: int = 1):
+    """(summed cross-entropy of the penultimate and last layer heads, their per-token accuracies);
+    ``cls``: tokens before the patches (CLIP's class token: 1; SigLIP: 0)."""
     out = model(pixel_values=pixels, output_hidden_states=True)
     loss = 0.0
     accs = []
     for head, hs in zip(heads, (out.hidden_states[-2], out.hidden_states[-1])):
-        logits = head(hs[:, 1:])
+        logits = head(hs[:, cls:])
         ok = torch.ones_like(tp[..., 0], dtype=torch.bool)
         for k, lg in enumerate(logits):
             loss = loss + F.cross_entropy(lg.flatten(0, 1), tp[..., k].flatten())
@@ -371,17 +406,18 @@ def pretrain_vision(
     log: Log = _noop,
     shape: Optional[Dict[str, int]] = None,
     heldout: Optional[tuple] = None,
+    tower: str = "clip",
 ) -> Dict[str, float]:
-    """Pretrain a fresh CLIPVisionModel so every patch token of the penultimate and last layer
+    """Pretrain a fresh CLIPVisionModel (``tower="siglip"``: SiglipVisionModel, no class token) so every
+    patch token of the penultimate and last layer
     predicts its quadrant's colour / shape / size (``tiny_data.vision_targets``); save it and its
     processor to ``vision_dir``. ``heldout`` = (jpegs, targets) of unseen scenes: the returned
     ``vision_heldout_*`` are the penultimate head's per-token accuracies on them."""
-    from transformers import CLIPVisionModel
-
     torch.manual_seed(seed)
-    cfg = vision_config(shape)
+    cfg = vision_config(shape, tower)
     grid = cfg.image_size // cfg.patch_size
-    model = CLIPVisionModel(cfg)
+    model = vision_model_class(tower)(cfg)
+    cls = cls_tokens(tower)
     heads = nn.ModuleList([_PatchHead(cfg.hidden_size, *n_classes) for _ in range(2)])  # penultimate, last
     quad = patch_quadrants(grid)
     x_all = images_to_uint8(jpegs, cfg.image_size)
@@ -405,7 +441,7 @@ def pretrain_vision(
         tp = tp_all[bi]
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-        loss, accs = _patch_head_loss(model, heads, normalise_uint8(x_all[bi]), tp)
+        loss, accs = _patch_head_loss(model, heads, normalise_uint8(x_all[bi], tower), tp, cls)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -422,7 +458,7 @@ def pretrain_vision(
     model.eval()
     train_s = round(time.time() - t0, 1)
     model.save_pretrained(str(vision_dir), safe_serialization=True)
-    image_processor(cfg.image_size).save_pretrained(str(vision_dir))
+    image_processor(cfg.image_size, tower).save_pretrained(str(vision_dir))
     k = max(1, steps // 20)
     res: Dict[str, float] = {
         "vision_final_loss": round(float(np.mean([h[0] for h in hist[-k:]])), 4),
@@ -433,7 +469,8 @@ def pretrain_vision(
     }
     if heldout is not None:
         hj, ht = heldout
-        acc = _head_accuracy(model, heads[0], images_to_uint8(hj, cfg.image_size), _patch_targets(ht, quad))
+        acc = _head_accuracy(model, heads[0], images_to_uint8(hj, cfg.image_size), _patch_targets(ht, quad),
+                             tower=tower)
         res.update({f"vision_heldout_{k_}": v for k_, v in acc.items()})
     return res
 

@@ -262,6 +262,22 @@ def check_upstream_tower_id(value: Optional[str], cwd: Optional[str] = None) -> 
                   f"Fix: download the tower and pass its directory.")]
 
 
+def check_upstream_tower_kind(value: Optional[str], cwd: Optional[str] = None) -> List[Problem]:
+    """Upstream's CLIPVisionTower loads every tower as CLIPVisionModel: a local SigLIP (or other) tower
+    would fail after the LLM has loaded, or load with missing weights."""
+    config = os.path.join(cwd or os.getcwd(), os.path.expanduser(value or ""), "config.json")
+    try:
+        with open(config) as f:
+            model_type = json.load(f).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return []  # a hub id, or no readable config: left to the loader
+    if model_type in ("clip", "clip_vision_model", ""):
+        return []
+    return [error(f"--vision_tower {value}: a {model_type!r} tower, and upstream LLaVA's CLIPVisionTower loads "
+                  f"only CLIP towers. Fix: train with the transformers-native host (llava-contrastive train --host hf "
+                  f"--vision_dir {value}), which takes CLIP and SigLIP towers.")]
+
+
 # ---- data ----------------------------------------------------------------------------------------
 def head_records(path: str, limit: int, chunk: int = 1 << 20) -> Tuple[bool, List[Any]]:
     """(is a JSON list, the first ``limit`` records with an ``image`` key), reading only as much of
@@ -402,7 +418,8 @@ def check_models(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None
                              "--vision_tower openai/clip-vit-large-patch14-336 (or its local directory)."))
         else:
             tower = check_model_path("vision_tower", cmd["vision_tower"], env, what="vision tower", cwd=cwd)
-            out += tower or check_upstream_tower_id(cmd["vision_tower"], cwd)
+            out += tower or check_upstream_tower_id(cmd["vision_tower"], cwd) or \
+                check_upstream_tower_kind(cmd["vision_tower"], cwd)
     else:
         if not cmd["model_name_or_path"] and not (cmd["llm_dir"] and cmd["vision_dir"]):
             out.append(error("no model given. Fix: pass --model_name_or_path NATIVE_DIR (convert.py build), or "

@@ -39,11 +39,13 @@ def build(native_dir, processor, **flags):
     return model
 
 
-def reference_embeddings(model, batch):
-    """Directly from the definition: projector(CLIP[-2][:, 1:]) mean; caption input-embedding mean."""
+def reference_embeddings(model, batch, class_tokens: int = 1):
+    """Directly from the definition: projector(tower[-2] without its class token (CLIP: 1, SigLIP: 0))
+    mean; caption input-embedding mean."""
     cfg = model.config
     with torch.no_grad():
-        feats = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
+        feats = hidden[:, class_tokens:]
     image = model.model.multi_modal_projector(feats).mean(1)
     ids, labels = batch["input_ids"], batch["labels"]
     mask = labels.ne(-100) & ids.ne(cfg.image_token_id)

@@ -105,8 +105,10 @@ def save_state(state: Mapping[str, torch.Tensor], path: Union[str, Path]) -> Non
 
 
 # ---- building a native checkpoint -------------------------------------------------------------
-def build_processor(llm_dir, vision_dir, patch_size: int, image_seq_length: int, chat_template=None):
-    """LlavaProcessor = CLIP image processor + the LLM tokenizer with ``<image>`` added."""
+def build_processor(llm_dir, vision_dir, patch_size: int, image_seq_length: int, chat_template=None,
+                    class_token: bool = True):
+    """LlavaProcessor = the tower's image processor + the LLM tokenizer with ``<image>`` added.
+    ``class_token``: the tower prepends one (CLIP: dropped, "default"); SigLIP has none ("full")."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))  # never LlamaTokenizer(vocab_file=...)
@@ -116,8 +118,31 @@ def build_processor(llm_dir, vision_dir, patch_size: int, image_seq_length: int,
         tokenizer.pad_token = tokenizer.unk_token
     image_processor = AutoImageProcessor.from_pretrained(str(vision_dir))
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          image_token=IMAGE_TOKEN, chat_template=chat_template)
+                          vision_feature_select_strategy=feature_strategy(class_token),
+                          num_additional_image_tokens=int(class_token), image_token=IMAGE_TOKEN,
+                          chat_template=chat_template)
+
+
+def feature_strategy(class_token: bool) -> str:
+    """transformers' ``vision_feature_select_strategy``: "default" drops the class token, "full" keeps all."""
+    return "default" if class_token else "full"
+
+
+def vision_tower_config(vision_dir):
+    """(vision config, tower class, whether it has a class token) of a CLIP or SigLIP tower directory
+    (a vision-only checkpoint or a full CLIP / SigLIP one, whose vision half is taken)."""
+    from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+    config = AutoConfig.from_pretrained(str(vision_dir))
+    kind = getattr(config, "model_type", "")
+    if kind in ("clip", "siglip"):
+        config = config.vision_config
+        kind = config.model_type
+    if kind == "clip_vision_model":
+        return config, CLIPVisionModel, True
+    if kind == "siglip_vision_model":
+        return config, SiglipVisionModel, False
+    raise ValueError(f"{vision_dir}: vision tower of type {kind!r}; the native host builds CLIP and SigLIP towers")
 
 
 PLAIN_CHAT_TEMPLATE = (
@@ -130,30 +155,30 @@ PLAIN_CHAT_TEMPLATE = (
 def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision_feature_layer: int = -2,
                        dtype: torch.dtype = torch.float32, model_class=None, seed: int = 0):
     """Assemble ``LlavaForConditionalGeneration`` from a causal LM (Llama, Mistral, Qwen2, ...: any text
-    model the native class accepts) and a CLIP vision tower.
+    model the native class accepts) and a CLIP or SigLIP vision tower (SigLIP: no class token, so every
+    token is a patch, ``vision_feature_select_strategy="full"``).
 
     ``projector``: None (fresh init, from ``seed``, with ``nn.Linear``'s default init as upstream's
     ``build_vision_projector`` gets, not transformers' normal(0, 0.02)), a path to
     ``mm_projector.bin`` / safetensors, or an upstream or native projector state dict. Returns (model, processor); with ``out_dir`` both are saved
     (``save_pretrained``) so ``from_pretrained`` + ``AutoProcessor.from_pretrained`` load them offline.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     model_class = model_class or LlavaForConditionalGeneration
     text_config = AutoConfig.from_pretrained(str(llm_dir))
-    vision_config = AutoConfig.from_pretrained(str(vision_dir))
-    if getattr(vision_config, "model_type", "") == "clip":  # full CLIP checkpoint: keep the tower
-        vision_config = vision_config.vision_config
+    vision_config, tower_class, class_token = vision_tower_config(vision_dir)
     patch, size = vision_config.patch_size, vision_config.image_size
-    seq = (size // patch) ** 2
-    processor = build_processor(llm_dir, vision_dir, patch, seq, chat_template=PLAIN_CHAT_TEMPLATE)
+    seq = (size // patch) ** 2  # patch tokens: CLIP's class token is dropped, SigLIP has none
+    processor = build_processor(llm_dir, vision_dir, patch, seq, chat_template=PLAIN_CHAT_TEMPLATE,
+                                class_token=class_token)
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vocab = max(len(tokenizer), text_config.vocab_size)
 
     config = LlavaConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
                          image_token_index=image_token_id, image_seq_length=seq,
-                         projector_hidden_act="gelu", vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", vision_feature_select_strategy=feature_strategy(class_token),
                          vision_feature_layer=vision_feature_layer, multimodal_projector_bias=True,
                          tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)))
     config.text_config.vocab_size = text_config.vocab_size
@@ -164,7 +189,7 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
     llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    tower = CLIPVisionModel.from_pretrained(str(vision_dir), dtype=torch.float32)
+    tower = tower_class.from_pretrained(str(vision_dir), dtype=torch.float32)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     del llm, tower
     if vocab > config.text_config.vocab_size:

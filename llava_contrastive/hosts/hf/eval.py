@@ -212,7 +212,7 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--model_name_or_path", default=None,
                    help="native LLaVA checkpoint (hosts.hf.train output, convert.py build); or --llm_dir/--vision_dir")
     p.add_argument("--llm_dir", default=None, help="build the native model from this Llama ...")
-    p.add_argument("--vision_dir", default=None, help="... and this CLIP vision tower (needs --projector)")
+    p.add_argument("--vision_dir", default=None, help="... and this CLIP or SigLIP vision tower (needs --projector)")
     p.add_argument("--projector", default=None,
                    help="mm_projector.bin / native projector file, a run or checkpoint dir "
                         "(default: the checkpoint's own)")

@@ -61,7 +61,7 @@ PROJECTOR_KEY = "multi_modal_projector"
 class ModelArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "a native LLaVA checkpoint (hosts.hf.train output or convert.py build)"})
     llm_dir: Optional[str] = field(default=None, metadata={"help": "instead of --model_name_or_path: build the native model from this Llama ..."})
-    vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP vision tower (saved to OUTPUT_DIR/base_model)"})
+    vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP or SigLIP vision tower (saved to OUTPUT_DIR/base_model)"})
     vision_feature_layer: int = field(default=-2, metadata={"help": "with --llm_dir/--vision_dir"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "stage-1 projector (upstream mm_projector.bin or native keys)"})
     version: str = field(default="v1", metadata={"help": "conversation template: v1 (vicuna_v1) only"})

@@ -87,7 +87,7 @@ logger = logging.getLogger("llava_contrastive")
 class ModelArguments:
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "a native LLaVA checkpoint (convert.py build)"})
     llm_dir: Optional[str] = field(default=None, metadata={"help": "build the native model from this Llama ..."})
-    vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP vision tower"})
+    vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP or SigLIP vision tower"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "initial projector (upstream or native keys)"})
     vision_feature_layer: int = field(default=-2)
 
