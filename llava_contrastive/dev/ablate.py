@@ -9,8 +9,10 @@ seed, data, steps, batch and learning rate, then is evaluated on the held-out sp
 ``ablation.csv`` (one row per configuration x seed plus means), ``ablation.png`` and
 ``ablation.json``. Runs whose ``report.json`` exists are reused (delete the directory to redo).
 
-Model-family variants (other LLM / vision tower sizes) are not included: ``tiny.py`` builds one
-tiny Llama and one tiny CLIP only.
+Axes beyond the contrastive settings (upstream host): ``--llms llama mistral`` (the tiny LLM of each
+family, ``python -m llava_contrastive.tiny --llm mistral``) and ``--projectors linear mlp2x_gelu
+mlp3x_gelu``. Qwen2 and SigLIP towers run on the native host only (``tests/hf/test_families_hf.py``,
+``tests/hf/test_siglip_hf.py``); they are not axes here yet.
 """
 from __future__ import annotations
 
