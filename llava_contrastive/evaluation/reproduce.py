@@ -165,7 +165,7 @@ def run_cell(cell: Cell, env: Mapping[str, str], *, force: bool = False, log: Ca
     marker = {"arm": cell.arm, "seed": cell.seed, "stage": cell.stage, "settings_hash": h,
               "commands": [shlex.join(c) for c in cell.commands], "settings": cell.hashed(),
               "wall_seconds": round(wall, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "t_start": round(t0, 1), "t_end": round(t0 + wall, 1)}
+              "t_start": round(t0, 1), "t_end": round(t0 + wall, 1), "threads": env.get("OMP_NUM_THREADS")}
     _write_json(cell.dir / MARKER, marker)  # last file written: the cell is finished
     log(f"[reproduce] {cell.name}: done in {wall:.0f}s")
     return {**marker, "reused": False}
@@ -463,7 +463,11 @@ def build_report(a: argparse.Namespace, argv: Sequence[str], assets: Assets, arm
                        "stage2_instruct_records": _records(assets.instruct_json),
                        "question_units": n_questions, "max_questions": a.max_questions},
         "assets": {"root": str(assets.root), "fingerprint": asset_fingerprint(assets)},
-        "versions": versions(), "git": git_info(), "jobs": a.jobs, "threads_per_job": a.threads,
+        "versions": versions(), "git": git_info(),
+        # as the cells ran: --report_only ran nothing, so its own --jobs / --threads describe no cell
+        "jobs": None if a.report_only else a.jobs,
+        "threads_per_job": sorted({str(m["threads"]) for m in markers if m.get("threads")}) or
+        (None if a.report_only else [str(a.threads)]),
         "bootstrap": {"draws": a.bootstrap_draws, "seed": a.bootstrap_seed, "level": 0.95},
         "cells": cells,
         "wall_seconds": {
@@ -490,6 +494,15 @@ def _iv(iv: Mapping[str, float], sign: bool = False) -> str:
 def report_stem(split: str, stage2: str = "full") -> str:
     """``report`` for the test split after a full stage 2; ``report[-lora][-validation]`` beside it."""
     return "-".join(["report"] + ([stage2] if stage2 != "full" else []) + ([split] if split != "test" else []))
+
+
+def _parallelism(r: Mapping[str, Any]) -> str:
+    jobs, threads = r.get("jobs"), r.get("threads_per_job")
+    if isinstance(threads, list):
+        threads = "/".join(threads) if threads else None
+    if jobs is None and threads is None:
+        return ""
+    return f" with {jobs if jobs is not None else '?'} job(s) x {threads if threads is not None else '?'} thread(s)"
 
 
 def render_markdown(r: Mapping[str, Any]) -> str:
@@ -542,8 +555,8 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     lines += ["## Cost", "",
               "Mean wall time per cell: " + ", ".join(f"{st} {_f(w.get(f'{st}_mean_per_cell'), 0)} s" for st in STAGES)
               + f"; all cells {_f(w['cells_sum'], 0)} s of work; first cell start to last cell end "
-              f"{_f(w.get('span'), 0)} s with {r['jobs']} job(s) x {r['threads_per_job']} thread(s) "
-              f"(this invocation {_f(w['this_invocation'], 0)} s).", "",
+              f"{_f(w.get('span'), 0)} s" + _parallelism(r) + f" (this invocation {_f(w['this_invocation'], 0)} s; "
+              "cells run in several invocations or on several machines make the span longer than the work).", "",
               "## Provenance", "",
               f"Data: {r['data_sizes']['stage1_train_records']} stage-1 records, "
               f"{r['data_sizes']['stage1_heldout_records']} held-out, {r['data_sizes']['stage2_instruct_records']} stage-2 "

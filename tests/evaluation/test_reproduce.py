@@ -321,3 +321,10 @@ def test_plan_stage2_is_identical_across_arms_and_seeded(tmp_path):
     assert "--lora_enable" in lora[1].commands[0] and lora[1].dir.name == "stage2-lora"
     vqa = lora[2].commands[0]
     assert vqa[vqa.index("--model-base") + 1] == str(tmp_path / "llm") and "lora" in vqa[vqa.index("--model-path") + 1]
+
+
+def test_cost_line_names_the_cells_parallelism_not_the_reporting_call():
+    assert R._parallelism({"jobs": 2, "threads_per_job": ["1"]}) == " with 2 job(s) x 1 thread(s)"
+    assert R._parallelism({"jobs": None, "threads_per_job": ["1"]}) == " with ? job(s) x 1 thread(s)"
+    assert R._parallelism({"jobs": None, "threads_per_job": None}) == ""
+    assert R._parallelism({"jobs": 1, "threads_per_job": 2}) == " with 1 job(s) x 2 thread(s)"  # older reports
