@@ -717,9 +717,9 @@ def prepare_questions(a: argparse.Namespace, assets: Assets) -> Dict[str, int]:
 
 # ---------------------------------------------------------------- archive
 # What a finished cell needs to be reused and reported without its models: its markers, the stage-1
-# alignment report and trainer log, the benchmark scores (per question).
+# alignment report and trainer log, the benchmark scores (per question); of stage 2, the markers only.
 ARCHIVED = {"stage1": ("eval/report.json", "trainer_state.json", "config.json"),
-            "stage2": ("trainer_state.json",),
+            "stage2": (),
             "bench": ("*_validation.json", "*_test.json")}
 
 
@@ -729,8 +729,6 @@ def archive_cells(chains: Sequence[Sequence[Cell]], out: Path, dest: Path) -> in
     the same ``--output_dir`` path (the cells' settings name absolute paths), they make a rerun reuse
     those cells (and ``--report_only`` report them) on another machine, without the models (hundreds
     of kilobytes per chain instead of megabytes)."""
-    import shutil
-
     n = 0
     for chain in chains:
         for cell in chain:

@@ -388,9 +388,9 @@ class ContrastiveTrainerMixin:
         """Whether ``checkpoint`` was written with another split of the global batch (ranks, DeepSpeed
         stage); logs what carries over; ValueError when it cannot continue as the same run."""
         gathered = self._contrastive_model is not None and self.contrastive_args.contrastive_gather
-        cross, notes = elastic.resume_plan(elastic.read_shape(checkpoint), self._run_shape(), checkpoint, gathered)
+        saved = elastic.read_shape(checkpoint)
+        cross, notes = elastic.resume_plan(saved, self._run_shape(), checkpoint, gathered)
         if cross and not os.path.isfile(os.path.join(checkpoint, elastic.STATE_FILE)):
-            saved = elastic.read_shape(checkpoint)
             raise ValueError(f"{checkpoint} holds no world-size-independent state ({elastic.STATE_FILE}: stage-1 "
                              f"checkpoints only); resume it as it was written: {saved.describe() if saved else ''}")
         if self.args.should_log:

@@ -262,16 +262,21 @@ def check_upstream_tower_id(value: Optional[str], cwd: Optional[str] = None) -> 
                   f"Fix: download the tower and pass its directory.")]
 
 
+def local_model_type(path: Optional[str], cwd: Optional[str] = None) -> Optional[str]:
+    """``model_type`` of the local checkpoint ``path`` (its config.json), or None when there is none to read."""
+    config = os.path.join(cwd or os.getcwd(), os.path.expanduser(path or ""), "config.json")
+    try:
+        with open(config) as f:
+            return json.load(f).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_upstream_tower_kind(value: Optional[str], cwd: Optional[str] = None) -> List[Problem]:
     """Upstream's CLIPVisionTower loads every tower as CLIPVisionModel: a local SigLIP (or other) tower
     would fail after the LLM has loaded, or load with missing weights."""
-    config = os.path.join(cwd or os.getcwd(), os.path.expanduser(value or ""), "config.json")
-    try:
-        with open(config) as f:
-            model_type = json.load(f).get("model_type", "")
-    except (OSError, ValueError, AttributeError):
-        return []  # a hub id, or no readable config: left to the loader
-    if model_type in ("clip", "clip_vision_model", ""):
+    model_type = local_model_type(value, cwd)
+    if model_type in (None, "clip", "clip_vision_model", ""):  # None: a hub id, or no readable config
         return []
     return [error(f"--vision_tower {value}: a {model_type!r} tower, and upstream LLaVA's CLIPVisionTower loads "
                   f"only CLIP towers. Fix: train with the transformers-native host (llava-contrastive train --host hf "
@@ -439,12 +444,7 @@ def check_upstream_family(model: Optional[str], cwd: Optional[str] = None) -> Li
     """Upstream host: an LLM of a family its contrastive classes cover (from a local config.json)."""
     if not model:
         return []
-    config = os.path.join(cwd or os.getcwd(), os.path.expanduser(model), "config.json")
-    try:
-        with open(config) as f:
-            model_type = json.load(f).get("model_type", "")
-    except (OSError, ValueError, AttributeError):
-        model_type = None  # a hub id, or no readable config: left to the loader
+    model_type = local_model_type(model, cwd)  # None: a hub id, or no readable config: left to the loader
     # upstream's train() takes its MPT path for any path containing "mpt", whatever the model is
     if "mpt" in model and "mpt" not in (model_type or ""):
         return [error(f"--model_name_or_path {model}: the path contains 'mpt', and upstream's train() then loads "
