@@ -9,10 +9,15 @@ seed, data, steps, batch and learning rate, then is evaluated on the held-out sp
 ``ablation.csv`` (one row per configuration x seed plus means), ``ablation.png`` and
 ``ablation.json``. Runs whose ``report.json`` exists are reused (delete the directory to redo).
 
-Axes beyond the contrastive settings (upstream host): ``--llms llama mistral`` (the tiny LLM of each
-family, ``python -m llava_contrastive.tiny --llm mistral``) and ``--projectors linear mlp2x_gelu
-mlp3x_gelu``. Qwen2 and SigLIP towers run on the native host only (``tests/hf/test_families_hf.py``,
-``tests/hf/test_siglip_hf.py``); they are not axes here yet.
+Axes beyond the contrastive settings: ``--llms`` (the tiny LLM of each family, built on first use as
+``python -m llava_contrastive.tiny --llm mistral`` does), ``--visions`` (``clip``, ``siglip``) and
+``--projectors``. ``--host llava`` (default: upstream's train.py, the ``.venv`` stack) takes llama /
+mistral, clip, and linear / mlp2x_gelu / mlp3x_gelu; ``--host hf`` (transformers' native LLaVA, run
+under ``.venv-hf``) takes llama / mistral / qwen2, clip / siglip, and linear / mlp2x_gelu. Every row is
+compared with the ``ntp_only`` row of the same LLM, tower and projector::
+
+    .venv-hf/bin/python -m llava_contrastive.dev.ablate --host hf --output_dir runs/analysis \
+        --configs joint_w0.5 --llms llama mistral qwen2 --visions clip siglip --projectors linear mlp2x_gelu
 """
 from __future__ import annotations
 
@@ -63,6 +68,12 @@ CONFIGS: Dict[str, List[str]] = {
     "proj_linear": ["--mm_projector_type", "linear"],
     "proj_linear_ntp_only": ["--mm_projector_type", "linear", "--contrastive_weight", "0"],
     "proj_mlp2x_gelu": ["--mm_projector_type", "mlp2x_gelu"],
+    # prompt study (text embeddings from a text-only LLM pass): a user template beside the named ones
+    "text_llm_custom": ["--contrastive_text_source", "llm", "--contrastive_prompt", "the image shows {caption}"],
+}
+HOST_AXES = {  # host -> (LLM families, vision towers, projector types) it runs
+    "llava": (("llama", "mistral"), ("clip",), ("linear", "mlp2x_gelu", "mlp3x_gelu")),
+    "hf": (("llama", "mistral", "qwen2"), ("clip", "siglip"), ("linear", "mlp2x_gelu")),
 }
 DEFAULT_CONFIGS = ["ntp_only", "infonce_w0.25_head", "infonce_w0.5_head", "joint_w0.1", "joint_w0.25", "joint_w0.5", "joint_w1", "joint_w2", "siglip", "text_llm_prompteol",
                    "text_llm_none", "text_llm_e5v", "image_llm", "proj_linear", "proj_linear_ntp_only"]
@@ -79,21 +90,44 @@ def env(threads: int) -> dict:
 
 def train_args(assets, out: Path, seed: int, a) -> List[str]:
     length = ["--max_steps", str(a.steps)] if a.steps else ["--num_train_epochs", str(a.epochs)]
-    args = [
-        "--model_name_or_path", str(assets.llm_dir), "--version", "plain",
+    common = [
         "--data_path", str(assets.pretrain_json), "--image_folder", str(assets.image_folder),
-        "--vision_tower", str(assets.vision_dir), "--mm_projector_type", "mlp2x_gelu",
-        "--tune_mm_mlp_adapter", "True", "--mm_vision_select_layer", "-2",
-        "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
-        "--output_dir", str(out), *length,
+        "--mm_projector_type", "mlp2x_gelu", "--output_dir", str(out), *length,
         "--per_device_train_batch_size", str(a.batch), "--gradient_accumulation_steps", "1",
-        "--evaluation_strategy", "no", "--save_strategy", "no",
-        "--learning_rate", str(a.lr), "--weight_decay", "0.", "--warmup_ratio", "0.03",
+        "--save_strategy", "no", "--learning_rate", str(a.lr), "--weight_decay", "0.", *warmup(assets, a),
         "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--model_max_length", "128",
-        "--dataloader_num_workers", "0", "--lazy_preprocess", "True", "--report_to", "none",
-        "--seed", str(seed),
+        "--dataloader_num_workers", "0", "--report_to", "none", "--seed", str(seed),
     ]
-    return args + shlex.split(a.extra or "")
+    if a.host == "hf":
+        host = ["--llm_dir", str(assets.llm_dir), "--vision_dir", str(assets.vision_dir), "--vision_feature_layer",
+                "-2", "--disable_tqdm", "true"]
+    else:
+        host = ["--model_name_or_path", str(assets.llm_dir), "--version", "plain",
+                "--vision_tower", str(assets.vision_dir), "--tune_mm_mlp_adapter", "True",
+                "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False",
+                "--evaluation_strategy", "no", "--lazy_preprocess", "True"]
+    return host + common + shlex.split(a.extra or "")
+
+
+def warmup(assets, a) -> List[str]:
+    """Upstream's 3% warm-up; transformers 5 has no --warmup_ratio, so the native host gets the steps
+    (ceil, as transformers' get_warmup_steps computes them from the ratio)."""
+    if a.host != "hf":
+        return ["--warmup_ratio", "0.03"]
+    steps = a.steps or math.ceil(len(json.loads(Path(assets.pretrain_json).read_text())) / a.batch * a.epochs)
+    return ["--warmup_steps", str(math.ceil(0.03 * steps))]
+
+
+HOST_MODULES = {"llava": ("llava_contrastive.train", "llava_contrastive.eval"),
+                "hf": ("llava_contrastive.hosts.hf.train", "llava_contrastive.hosts.hf.eval")}
+
+
+def eval_args(assets, out: Path, a) -> List[str]:
+    model = ["--llm_dir", str(assets.llm_dir), "--vision_dir", str(assets.vision_dir)] if a.host == "hf" else \
+        ["--model_name_or_path", str(assets.llm_dir), "--vision_tower", str(assets.vision_dir)]
+    return model + ["--projector", str(out), "--data_path", str(assets.heldout_json), "--image_folder",
+                    str(assets.image_folder), "--output_dir", str(out / "eval"), "--no_progress"] \
+        + (["--max_samples", str(a.max_samples)] if a.max_samples else [])
 
 
 def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
@@ -106,7 +140,8 @@ def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "run.log"
     t0 = time.time()
-    cmd = [sys.executable, "-m", "llava_contrastive.train", *train_args(assets, out, seed, a), *flags]
+    train_module, eval_module = HOST_MODULES[a.host]
+    cmd = [sys.executable, "-m", train_module, *train_args(assets, out, seed, a), *flags]
     with open(log, "w") as f:
         f.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         f.flush()
@@ -114,12 +149,7 @@ def run_one(name: str, flags: List[str], seed: int, assets, a) -> dict:
     if proc.returncode != 0:
         print(f"[ablate] {name} seed {seed}: training failed (exit {proc.returncode}), see {log}", flush=True)
         return {"config": name, "seed": seed, "error": f"train exit {proc.returncode}"}
-    ecmd = [sys.executable, "-m", "llava_contrastive.eval", "--model_name_or_path", str(assets.llm_dir),
-            "--vision_tower", str(assets.vision_dir), "--projector", str(out),
-            "--data_path", str(assets.heldout_json), "--image_folder", str(assets.image_folder),
-            "--output_dir", str(out / "eval"), "--no_progress"]
-    if a.max_samples:
-        ecmd += ["--max_samples", str(a.max_samples)]
+    ecmd = [sys.executable, "-m", eval_module, *eval_args(assets, out, a)]
     # every run is scored in its own embedding space (run's contrastive_config.json); weight-0 runs in the
     # default one (caption input-embedding mean vs projected-token mean), the space of the default joint run
     with open(log, "a") as f:
@@ -157,12 +187,13 @@ def criterion(row: dict, base: dict) -> Dict[str, bool]:
     }
 
 
-AXIS_SEP = " | "  # "config | llm=mistral | projector=linear": one row per combination of the axes
+AXIS_SEP = " | "  # "config | llm=mistral | vision=siglip | projector=linear": one row per combination
 
 
-def variant_name(config: str, llm: Optional[str], projector: Optional[str]) -> str:
-    """Row name of ``config`` on an LLM family / projector type of the --llms / --projectors axes."""
-    return AXIS_SEP.join([config] + ([f"llm={llm}"] if llm else []) + ([f"projector={projector}"] if projector else []))
+def variant_name(config: str, llm: Optional[str], projector: Optional[str], vision: Optional[str] = None) -> str:
+    """Row name of ``config`` on an LLM family / vision tower / projector type of the axes."""
+    axes = [("llm", llm), ("vision", vision), ("projector", projector)]
+    return AXIS_SEP.join([config] + [f"{k}={v}" for k, v in axes if v])
 
 
 def baseline_name(name: str) -> str:
@@ -201,8 +232,52 @@ def summarise(rows: List[dict], configs: List[str]) -> List[dict]:
                 s["i2t_ratio"] = statistics.mean(r["i2t@1"] for r, _ in pairs) / base_i2t if base_i2t > 0 else float("inf")
                 s["gap_change"] = statistics.mean(r["modality_gap"] / b["modality_gap"] - 1 for r, b in pairs)
                 s["ntp_change"] = statistics.mean(r["ntp_loss"] / b["ntp_loss"] - 1 for r, b in pairs)
+                s.update(paired_differences(pairs))
         summary.append(s)
     return summary
+
+
+PAIRED = {  # key -> (what, per-seed paired difference of a row r and its ntp_only row b)
+    "d_i2t": ("i2t@1 (points)", lambda r, b: 100 * (r["i2t@1"] - b["i2t@1"])),
+    "d_gap": ("modality gap", lambda r, b: r["modality_gap"] - b["modality_gap"]),
+    "d_ntp": ("held-out NTP (%)", lambda r, b: 100 * (r["ntp_loss"] / b["ntp_loss"] - 1)),
+}
+
+
+def paired_differences(pairs: List[tuple]) -> Dict[str, list]:
+    """Per-seed differences against the ntp_only row of the same seed, as [mean, low, high] (95%
+    Student-t interval over seeds)."""
+    from llava_contrastive.evaluation.stats import t_interval
+
+    return {k: list(t_interval([fn(r, b) for r, b in pairs])) for k, (_, fn) in PAIRED.items()}
+
+
+def _ci(value: Optional[list], p: int = 1) -> str:
+    if not value:
+        return "-"
+    mean, lo, hi = value
+    return f"{mean:+.{p}f}" + ("" if math.isnan(lo) else f" [{lo:+.{p}f}, {hi:+.{p}f}]")
+
+
+def comparison_lines(summary: List[dict]) -> List[str]:
+    """One row per (configuration, LLM, tower, projector) against its own ntp_only row."""
+    rows = [s for s in summary if s.get("seeds") and "d_i2t" in s]
+    if not rows:
+        return []
+    base = {s["config"]: s for s in summary if s.get("seeds")}
+    lines = ["## Joint vs NTP-only per combination", "",
+             "Paired by seed against the ntp_only row of the same LLM, tower and projector: mean difference "
+             "[95% Student-t interval over seeds].", "",
+             "| configuration | LLM | tower | projector | seeds | i2t@1 ntp_only -> this | Δ i2t@1 (points) "
+             "| Δ modality gap | Δ held-out NTP (%) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        parts = s["config"].split(AXIS_SEP)
+        axes = dict(p.split("=", 1) for p in parts[1:])
+        b = base.get(baseline_name(s["config"]), {})
+        lines.append(f"| {parts[0]} | {axes.get('llm', 'llama')} | {axes.get('vision', 'clip')} | "
+                     f"{axes.get('projector', 'mlp2x_gelu')} | {s['seeds']} | {b.get('i2t@1', float('nan')):.3f} -> "
+                     f"{s['i2t@1']:.3f} | {_ci(s['d_i2t'])} | {_ci(s['d_gap'], 3)} | {_ci(s['d_ntp'], 2)} |")
+    return lines + [""]
 
 
 def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
@@ -241,9 +316,11 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
         lines.append(f"| {s['config']} | {f('i2t@1')} | {f('t2i@1')} | {ratio} | {f('modality_gap')} | {gap} | "
                      f"{f('ntp_loss', 4)} | {ntp} | {f('train_final_ntp_loss', 4)} | {s['s_per_step']:.3f} | {s['pass']} |")
     lines += ["", f"Chance level: {summary[0].get('chance', float('nan')):.5f}." if summary else "",
-              f"LLM families: {', '.join(a.llms or ['llama'])}; projectors: {', '.join(a.projectors or ['mlp2x_gelu'])} "
-              "(each row is compared with the ntp_only row of the same family and projector); one vision tower "
-              "(the tiny CLIP).", ""]
+              f"Host: {'transformers-native LLaVA' if a.host == 'hf' else 'upstream LLaVA'}; LLM families: "
+              f"{', '.join(a.llms or ['llama'])}; vision towers: {', '.join(a.visions or ['clip'])}; projectors: "
+              f"{', '.join(a.projectors or ['mlp2x_gelu'])} (each row is compared with the ntp_only row of the same "
+              "family, tower and projector).", ""]
+    lines += comparison_lines(summary)
     (out / "ablation.md").write_text("\n".join(lines))
     (out / "ablation.json").write_text(json.dumps({"rows": rows, "summary": summary, "args": vars(a)}, indent=2))
     plot(out / "ablation.png", summary)
@@ -298,19 +375,40 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--force", action="store_true", help="redo runs that have a report")
     p.add_argument("--report_only", action="store_true", help="train nothing: tabulate the runs that have a report")
     p.add_argument("--tiny_root", default=str(REPO / "playground" / "tiny"))
-    p.add_argument("--llms", nargs="+", default=None, choices=["llama", "mistral"],
-                   help="LLM-family axis: every configuration on the tiny LLM of each family (upstream host)")
+    p.add_argument("--host", choices=sorted(HOST_AXES), default="llava",
+                   help="llava: upstream's train.py (.venv); hf: transformers' native LLaVA (.venv-hf)")
+    p.add_argument("--llms", nargs="+", default=None, choices=["llama", "mistral", "qwen2"],
+                   help="LLM-family axis: every configuration on the tiny LLM of each family")
+    p.add_argument("--visions", nargs="+", default=None, choices=["clip", "siglip"],
+                   help="vision-tower axis: every configuration on each tiny tower")
     p.add_argument("--projectors", nargs="+", default=None, choices=["linear", "mlp2x_gelu", "mlp3x_gelu"],
                    help="projector axis: every configuration with each --mm_projector_type")
     a = p.parse_args(argv)
+    llms, visions, projectors = HOST_AXES[a.host]
+    for flag, given, allowed in (("--llms", a.llms, llms), ("--visions", a.visions, visions),
+                                 ("--projectors", a.projectors, projectors)):
+        wrong = [v for v in given or [] if v not in allowed]
+        if wrong:
+            p.error(f"{flag} {' '.join(wrong)}: the {a.host} host runs {', '.join(allowed)}"
+                    + ("; qwen2 and siglip run on the native host (--host hf, under .venv-hf)" if a.host == "llava"
+                       else "; mlp3x_gelu runs on the upstream host (--host llava)"))
+    if a.host == "hf" and _transformers_major() < 5:
+        p.error("--host hf needs the native stack (transformers 5): run it with .venv-hf/bin/python "
+                "(bash scripts/setup_env_hf.sh)")
     if not a.threads:
         a.threads = max(1, (os.cpu_count() or 1) // a.jobs)
     return a
 
 
+def _transformers_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
 def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     a = parse_args(argv)
-    from llava_contrastive.dev.tiny import build_family_llm, build_tiny_assets
+    from llava_contrastive.dev.tiny import build_family_llm, build_family_vision, build_tiny_assets
 
     assets = build_tiny_assets(a.tiny_root)
     configs = dict(CONFIGS)
@@ -329,12 +427,15 @@ def run(argv: Optional[Sequence[str]] = None) -> List[dict]:
     out.mkdir(parents=True, exist_ok=True)
     jobs, rows_order = [], []
     for llm in a.llms or [None]:
-        family_assets = dataclasses.replace(assets, llm_dir=build_family_llm(assets, llm)) if llm else assets
-        for projector in a.projectors or [None]:
-            extra = ["--mm_projector_type", projector] if projector else []
-            for n in names:
-                rows_order.append(variant_name(n, llm, projector))
-                jobs += [(rows_order[-1], configs[n] + extra, s, family_assets) for s in a.seeds]
+        for vision in a.visions or [None]:
+            family_assets = dataclasses.replace(
+                assets, llm_dir=build_family_llm(assets, llm) if llm else assets.llm_dir,
+                vision_dir=build_family_vision(assets, vision) if vision else assets.vision_dir)
+            for projector in a.projectors or [None]:
+                extra = ["--mm_projector_type", projector] if projector else []
+                for n in names:
+                    rows_order.append(variant_name(n, llm, projector, vision))
+                    jobs += [(rows_order[-1], configs[n] + extra, s, family_assets) for s in a.seeds]
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         rows = list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], a), jobs))
     summary = summarise(rows, rows_order)

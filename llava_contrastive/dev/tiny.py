@@ -413,8 +413,9 @@ def family_llm_dir(assets: TinyAssets, family: str) -> Path:
 
 def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool = False,
                      verbose: bool = False) -> Path:
-    """Build (or reuse) the tiny LLM of ``family`` beside the default assets: the same tokenizer, the
-    same caption-language corpus (read back from the assets' pretrain and instruction JSON), the same
+    """Build (or reuse) the tiny LLM of ``family`` beside the default assets: the same tokenizer (Qwen2:
+    a byte-level BPE one built as Qwen2's, trained on the same corpus, see
+    ``tiny_models.train_qwen2_tokenizer``), the same caption-language corpus (read back from the assets' pretrain and instruction JSON), the same
     shape and training knobs as the assets' Llama, pretrained from its own initialisation; cached with
     a STAMP.json of its own (keyed by the assets' stamp, the family and the seed)."""
     from llava_contrastive.dev import tiny_data as D
@@ -427,15 +428,20 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
     base = _base_stamp(assets)
     out = family_llm_dir(assets, family)
     key = {"family": family, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
+    if family == "qwen2":
+        key["tokenizer"] = "qwen2 byte-level BPE"
     log = print if verbose else (lambda msg: None)
     s = base["settings"]
 
     def build(tmp: Path) -> Dict[str, Any]:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
-        tok.save_pretrained(str(tmp))
         texts = D.lm_texts(json.loads(assets.pretrain_json.read_text()), json.loads(assets.instruct_json.read_text()))
+        if family == "qwen2":
+            tok = M.train_qwen2_tokenizer(texts, tmp, s["vocab_size"], log=log)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
+            tok.save_pretrained(str(tmp))
         held = D.caption_texts(json.loads(assets.heldout_json.read_text()))
         log(f"[tiny] llm ({family}, {s['tier']} tier): {s['lm_steps']} steps x {s['lm_batch_size']} on "
             f"{len(texts)} texts")

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import time
@@ -85,6 +86,52 @@ def train_tokenizer(texts: Sequence[str], llm_dir: Path, vocab_size: int = 512, 
     return tok
 
 
+# Qwen2's pre-tokenizer split (its tokenizer.json): contractions, letter runs, single digits,
+# punctuation runs with their newlines, newline runs, spaces
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2's chat template (ChatML), without its default system prompt
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                   "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+
+
+def train_qwen2_tokenizer(texts: Sequence[str], llm_dir: Path, vocab_size: int = 512, log: Log = _noop):
+    """A byte-level BPE tokenizer built as Qwen2's (its split regex, byte-level alphabet, no BOS,
+    ``<|endoftext|>`` as end and padding, ChatML specials and chat template), trained on ``texts``
+    and saved as ``Qwen2TokenizerFast`` into ``llm_dir``: the tiny Qwen2 tokenizes text the way a
+    real one does (e.g. ".\n" can be one token), not with the Llama SentencePiece model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    llm_dir = Path(llm_dir)
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN2_SPECIAL), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(QWEN2_SPECIAL[1:]))
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(llm_dir))
+    config_path = llm_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="Qwen2Tokenizer", bos_token=None, add_bos_token=False, errors="replace")
+    config_path.write_text(json.dumps(config, indent=2))
+    tok = AutoTokenizer.from_pretrained(str(llm_dir))
+    probe = "a large red circle in the top left corner.\n"
+    if tok.decode(tok(probe).input_ids) != probe or tok.bos_token_id is not None:
+        raise RuntimeError(f"{llm_dir}: the Qwen2 tokenizer does not round-trip {probe!r} "
+                           f"({type(tok).__name__}: {tok.convert_ids_to_tokens(tok(probe).input_ids)})")
+    log(f"tokenizer: vocab {len(tok)} ({type(tok).__name__}, byte-level BPE)")
+    return tok
+
+
 def _default_shape(part: str) -> Dict[str, int]:
     from llava_contrastive.dev.tiny import tier_shapes
 
@@ -97,11 +144,13 @@ def _default_shape(part: str) -> Dict[str, int]:
 LLM_FAMILIES = ("llama", "mistral", "qwen2")
 
 
-def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: str = "llama"):
+def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: str = "llama",
+               special_ids: Optional[Dict[str, Optional[int]]] = None):
     """Config of a tiny LLM of ``family``: LlamaConfig; MistralConfig (grouped-query attention with
     half the key/value heads and a sliding window, as Mistral-7B); Qwen2Config (grouped-query
     attention, biases on the q/k/v projections, as Qwen2). ``shape`` (hidden/intermediate size,
-    layers, heads) defaults to the tiny tier."""
+    layers, heads) defaults to the tiny tier. ``special_ids``: bos/eos/pad ids of a tokenizer other than
+    the tiny SentencePiece one (1/2/0)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     if family not in LLM_FAMILIES:
@@ -116,10 +165,8 @@ def llm_config(vocab_size: int, shape: Optional[Dict[str, int]] = None, family: 
         max_position_embeddings=512,  # stage 2's v1 chat frame + 16 image tokens + 2-3 turns
         tie_word_embeddings=False,
         rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         torch_dtype="float32",
+        **(special_ids or dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     )
     if family == "mistral":
         return MistralConfig(**common, num_key_value_heads=max(1, sh["num_attention_heads"] // 2),
@@ -157,7 +204,8 @@ def pretrain_llm(
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = llm_config(len(tok), shape, family)
+    cfg = llm_config(len(tok), shape, family, special_ids=dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     model = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[family](cfg)
     ids = [tok(t).input_ids[: cfg.max_position_embeddings] for t in texts]  # BOS + text (+ "\n" byte)
     order_rng = random.Random(f"tiny-lm-{seed}")

@@ -206,3 +206,28 @@ def compare(results: Results, arm_a: str, arm_b: str, *, draws: int = 2000, seed
         cmp.score_b[b] = Interval(pb[b], *map(float, np.percentile(boot_b[b], q)))
         cmp.diff[b] = Interval(pb[b] - pa[b], *map(float, np.percentile(d, q)))
     return cmp
+
+
+# Student t 97.5% quantiles (two-sided 95%) by degrees of freedom; a df between entries uses the
+# next lower one (a slightly wider interval).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def t_interval(values: Sequence[float]) -> Tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval of the mean of ``values`` (e.g. per-seed paired
+    differences); low = high = nan for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values")
+    mean = float(x.mean())
+    if x.size == 1:
+        return mean, float("nan"), float("nan")
+    half = t_quantile_975(x.size - 1) * float(x.std(ddof=1)) / np.sqrt(x.size)
+    return mean, mean - half, mean + half

@@ -45,6 +45,8 @@ UPSTREAM_FAMILY_OF_MODEL_TYPE = {
     "": "llama", "llama": "llama", "llava_llama": "llama", "llava_llama_contrastive": "llama",
     "mistral": "mistral", "llava_mistral": "mistral", "llava_mistral_contrastive": "mistral"}
 UPSTREAM_FAMILIES = "llama, mistral"
+# the projector types the native host builds (hosts/hf/convert.NATIVE_PROJECTOR_ACT; a test compares)
+NATIVE_PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 MPT_UNSUPPORTED = ("upstream's MPT path (LlavaMptForCausalLM) cannot run under this host's pinned stack: its train() "
                    "sets config.attn_config['attn_impl'], but transformers 4.37 loads MPT checkpoints with its own "
                    "MptConfig, whose attn_config is not a dict (MosaicML's remote code, which upstream expects, "
@@ -66,7 +68,7 @@ HOST_DEFAULTS: Dict[str, Dict[str, Any]] = {
               "mm_use_im_start_end": False, "tune_mm_mlp_adapter": False, "model_max_length": 512,
               "warmup_ratio": 0.0, "lora_enable": False, "lora_r": 64, "bits": 16},
     "hf": {**_COMMON_DEFAULTS, "model_name_or_path": None, "llm_dir": None, "vision_dir": None,
-           "vision_feature_layer": -2, "model_max_length": 2048},
+           "vision_feature_layer": -2, "model_max_length": 2048, "mm_projector_type": None},
 }
 _BOOL_FLAGS = {"overwrite_output_dir", "mm_use_im_start_end", "tune_mm_mlp_adapter", "lora_enable"}
 _INT_FLAGS = {"seed", "per_device_train_batch_size", "gradient_accumulation_steps", "mm_vision_select_layer",
@@ -84,7 +86,8 @@ COMPARED: Dict[str, Tuple[str, ...]] = {
               "mm_vision_select_feature", "version", "tune_mm_mlp_adapter", "lora_enable", "lora_r", "bits",
               "pretrain_mm_mlp_adapter", "model_max_length", "seed", "learning_rate", "lr_scheduler_type",
               "warmup_ratio", "warmup_steps", "weight_decay"),
-    "hf": ("model_name_or_path", "llm_dir", "vision_dir", "vision_feature_layer", "pretrain_mm_mlp_adapter",
+    "hf": ("model_name_or_path", "llm_dir", "vision_dir", "vision_feature_layer", "mm_projector_type",
+           "pretrain_mm_mlp_adapter",
            "model_max_length", "seed", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay"),
 }
 
@@ -433,6 +436,11 @@ def check_models(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None
                                 cwd=cwd)
         out += check_model_path("llm_dir", cmd["llm_dir"], env, what="LLM", cwd=cwd)
         out += check_model_path("vision_dir", cmd["vision_dir"], env, what="vision tower", cwd=cwd)
+        kind = cmd["mm_projector_type"]
+        if kind is not None and kind not in NATIVE_PROJECTOR_TYPES:
+            out.append(error(f"--mm_projector_type {kind}: transformers' LlavaForConditionalGeneration has a two-layer "
+                             f"projector, which computes {' and '.join(NATIVE_PROJECTOR_TYPES)} only. Fix: use one "
+                             f"of those, or the upstream host (llava-contrastive train) for deeper mlpNx_gelu."))
     adapter = cmd["pretrain_mm_mlp_adapter"]
     if adapter and not os.path.isfile(os.path.join(cwd or os.getcwd(), os.path.expanduser(adapter))):
         out.append(error(f"--pretrain_mm_mlp_adapter {adapter}: file not found. Fix: point it at the mm_projector.bin "

@@ -140,3 +140,14 @@ def test_macro_f1_over_categories_hand_computed():
     rows = [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]
     u = BenchmarkUnits("f1", list("abcdef"), rows, categories=["r", "r", "r", "r", "p", "p"])
     assert u.score() == pytest.approx((200 / 3 + 100) / 2)
+
+
+def test_t_interval_against_a_hand_computed_case():
+    from llava_contrastive.evaluation.stats import t_interval, t_quantile_975
+
+    # values 1, 2, 6: mean 3, sd sqrt(7) = 2.6458, half width 4.303 * 2.6458 / sqrt(3) = 6.5727
+    mean, lo, hi = t_interval([1.0, 2.0, 6.0])
+    assert mean == 3.0 and abs(lo - (3 - 6.5727)) < 1e-3 and abs(hi - (3 + 6.5727)) < 1e-3
+    assert t_quantile_975(11) == t_quantile_975(10) == 2.228  # between table entries: the lower df
+    m, lo1, hi1 = t_interval([0.5])
+    assert m == 0.5 and lo1 != lo1 and hi1 != hi1  # nan

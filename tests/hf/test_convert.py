@@ -49,7 +49,10 @@ def test_key_mapping_round_trip_exact():
 
 def test_rejects_other_projectors():
     with pytest.raises(KeyError):
-        convert.upstream_to_native({"model.mm_projector.weight": torch.zeros(2, 2)})  # linear projector
+        convert.upstream_to_native({"model.mm_projector.weight": torch.zeros(2, 2)})  # linear, no bias
+    with pytest.raises(KeyError, match="mix"):
+        convert.upstream_to_native({**random_upstream_projector(), "model.mm_projector.weight": torch.zeros(64, 64),
+                                    "model.mm_projector.bias": torch.zeros(64)})
     with pytest.raises(KeyError):
         convert.upstream_to_native({"model.mm_projector.4.weight": torch.zeros(2, 2)})  # mlp3x
     with pytest.raises(KeyError):
@@ -122,14 +125,12 @@ def test_fresh_projector_starts_like_upstream_and_follows_the_seed(tiny_assets):
 
 
 @pytest.mark.parametrize("state, key", [
-    ({"model.mm_projector.weight": torch.zeros(4, 3), "model.mm_projector.bias": torch.zeros(4)},
-     "model.mm_projector.weight"),  # linear
     ({f"model.mm_projector.{i}.{p}": torch.zeros(4, 4) if p == "weight" else torch.zeros(4)
       for i in (0, 2, 4) for p in ("weight", "bias")}, "model.mm_projector.4.weight"),  # mlp3x_gelu
 ])
 def test_other_projector_types_are_refused_by_name(state, key):
-    """The native projector has exactly two linear layers: linear / mlpNx (N != 2) projectors do not convert."""
-    with pytest.raises(KeyError, match="only mlp2x_gelu"):
+    """The native projector has exactly two linear layers: mlpNx (N > 2) projectors do not convert."""
+    with pytest.raises(KeyError, match="only linear and mlp2x_gelu"):
         convert.upstream_to_native(state)
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         convert.upstream_to_native(state)

@@ -40,3 +40,62 @@ def test_stage1_on_another_family_loads_natively(tiny_assets, tmp_path, family):
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert inputs["input_ids"].shape[1] < generated.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("family, tower, projector", [
+    ("mistral", "clip", "mlp2x_gelu"), ("qwen2", "clip", "linear"), ("qwen2", "siglip", "mlp2x_gelu"),
+    ("mistral", "siglip", "linear")])
+def test_joint_loss_equals_core_for_each_family_tower_and_projector(tiny_assets, tmp_path, family, tower, projector):
+    """One joint pass per LLM family / tower / projector: the contrastive term is the core's InfoNCE on
+    embeddings computed from the definition (projector(tower[-2] patches) mean, caption embedding mean)."""
+    import json
+
+    from transformers import AutoProcessor
+
+    from llava_contrastive.core.losses import info_nce_loss
+    from llava_contrastive.dev.tiny import build_family_llm, build_family_vision
+    from llava_contrastive.hosts.hf.convert import build_native_llava
+    from llava_contrastive.hosts.hf.data import Collator, PretrainDataset
+    from tests.hf.test_model import build, reference_embeddings
+
+    native = tmp_path / "native"
+    build_native_llava(build_family_llm(tiny_assets, family), build_family_vision(tiny_assets, tower), native,
+                       projector_type=projector, seed=1)
+    processor = AutoProcessor.from_pretrained(str(native))
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(json.loads(tiny_assets.pretrain_json.read_text())[:6]))
+    ds = PretrainDataset(path, tiny_assets.image_folder, processor, image_seq_length=16)
+    batch = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    model = build(native, processor, contrastive_weight=0.5)
+    assert model.config.text_config.model_type == family
+    out = model(**batch)
+    image, text, keys = reference_embeddings(model, batch, class_tokens=int(tower == "clip"),
+                                             tokenizer=processor.tokenizer)
+    if family == "qwen2":  # byte-level BPE, as Qwen2's: the caption's ".\n" is one token, not a separator
+        last = batch["labels"][0][batch["labels"][0].ne(-100)][-1]
+        assert processor.tokenizer.convert_ids_to_tokens(int(last)) == ".Ċ"
+    expected = info_nce_loss(image, text, model.contrastive_head.logit_scale(), duplicate_keys=keys)
+    torch.testing.assert_close(out.contrastive_loss, expected.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.loss, out.ntp_loss + 0.5 * out.contrastive_loss, atol=1e-6, rtol=1e-6)
+
+
+def test_tiny_qwen2_has_a_qwen2_tokenizer(tiny_assets):
+    """Byte-level BPE loaded by AutoTokenizer as transformers' Qwen2 tokenizer: no BOS, <|endoftext|> as
+    end and padding, the ChatML template, text round-trips; its LLM's config carries those ids."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llava_contrastive.dev.tiny import build_family_llm
+
+    llm = build_family_llm(tiny_assets, "qwen2")
+    tok = AutoTokenizer.from_pretrained(str(llm))
+    assert type(tok).__name__.startswith("Qwen2Tokenizer")
+    assert tok.bos_token_id is None and tok.eos_token == tok.pad_token == "<|endoftext|>"
+    text = 'This sentence : "a small blue star in the top right corner." means in one word:"'
+    assert tok.decode(tok(text).input_ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    cfg = AutoConfig.from_pretrained(str(llm))
+    assert cfg.model_type == "qwen2" and cfg.eos_token_id == tok.eos_token_id and cfg.vocab_size == len(tok)
+    assert json.loads((llm / "STAMP.json").read_text())["tokenizer"] == "qwen2 byte-level BPE"

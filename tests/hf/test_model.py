@@ -39,9 +39,11 @@ def build(native_dir, processor, **flags):
     return model
 
 
-def reference_embeddings(model, batch, class_tokens: int = 1):
+def reference_embeddings(model, batch, class_tokens: int = 1, tokenizer=None):
     """Directly from the definition: projector(tower[-2] without its class token (CLIP: 1, SigLIP: 0))
-    mean; caption input-embedding mean."""
+    mean; caption input-embedding mean without the trailing "\n" separator. With ``tokenizer``, the
+    last caption token is dropped only where it decodes to whitespace (a byte-level BPE such as
+    Qwen2's merges ".\n" into one token, which then stays)."""
     cfg = model.config
     with torch.no_grad():
         hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states[-2]
@@ -51,8 +53,13 @@ def reference_embeddings(model, batch, class_tokens: int = 1):
     mask = labels.ne(-100) & ids.ne(cfg.image_token_id)
     newline = model._separator_ids
     last = mask.long().cumsum(1).argmax(1)  # the last caption token is the "\n" separator
-    assert all(int(ids[r, last[r]]) in newline.tolist() for r in range(ids.shape[0]))
-    mask[torch.arange(ids.shape[0]), last] = False
+    if tokenizer is None:
+        assert all(int(ids[r, last[r]]) in newline.tolist() for r in range(ids.shape[0]))
+        mask[torch.arange(ids.shape[0]), last] = False
+    else:
+        for r in range(ids.shape[0]):
+            if tokenizer.decode([int(ids[r, last[r]])]).strip() == "":
+                mask[r, last[r]] = False
     text = pool(model.get_input_embeddings()(ids), mask, "mean")
     return image, text, caption_keys(ids, mask)
 

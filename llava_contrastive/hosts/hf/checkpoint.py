@@ -47,7 +47,8 @@ def save_stage1_files(model, output_dir: str, is_main: bool, zero3: Optional[boo
         return
     os.makedirs(output_dir, exist_ok=True)
     native = {convert.NATIVE_PREFIX + k: v for k, v in projector.items()}
-    atomic_torch_save(convert.native_to_upstream(native), os.path.join(output_dir, PROJECTOR_FILE))
+    atomic_torch_save(convert.native_to_upstream(native, projector_type=convert.native_projector_type(model.config)),
+                      os.path.join(output_dir, PROJECTOR_FILE))
     if head is not None:
         save_head(head, model.contrastive_args.to_dict(), output_dir)
 

@@ -127,15 +127,22 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
         if projector_source is None:
             raise ValueError("--llm_dir/--vision_dir build a fresh projector: pass --projector")
         layer = -2 if vision_feature_layer is None else vision_feature_layer  # upstream's mm_vision_select_layer
-        model, processor = convert.build_native_llava(llm_dir, vision_dir, None, vision_feature_layer=layer,
-                                                      model_class=ContrastiveLlavaForConditionalGeneration)
+        try:  # the projector's keys decide its type (linear or mlp2x_gelu)
+            model, processor = convert.build_native_llava(llm_dir, vision_dir, None, vision_feature_layer=layer,
+                                                          model_class=ContrastiveLlavaForConditionalGeneration,
+                                                          projector=projector_state(projector_source))
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"{projector_source}: does not fit a native projector of this LLM / vision tower "
+                             f"({err})") from err
+        projector_source = None
     else:
         raise ValueError("give --model_name_or_path (a native checkpoint), or --llm_dir and --vision_dir")
     if projector_source is not None:
         try:
             convert.load_projector(model, projector_state(projector_source))
-        except (KeyError, RuntimeError) as err:
-            raise ValueError(f"{projector_source}: does not fit the native mlp2x_gelu projector of this LLM / "
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{projector_source}: does not fit the native "
+                             f"{convert.native_projector_type(model.config)} projector of this LLM / "
                              f"vision tower ({err})") from err
     model.config.use_cache = False
     model.to(torch.float32)
@@ -194,7 +201,10 @@ def evaluate(data_path: str, image_folder: str, model_name_or_path: Optional[str
                                    model_max_length, max_samples)
     emb = ev.embed_dataset(model, dataset, collator, batch_size=batch_size, progress=progress,
                            image_key="pixel_values")
-    settings = {"mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": model.config.vision_feature_layer,
+    from llava_contrastive.hosts.hf.convert import native_projector_type
+
+    settings = {"mm_projector_type": native_projector_type(model.config),
+                "mm_vision_select_layer": model.config.vision_feature_layer,
                 "batch_size": batch_size, "max_samples": max_samples, "model_max_length": model_max_length,
                 "host": "hf", "vocab_size": model.config.text_config.vocab_size}
     paths = {"model_name_or_path": str(model_name_or_path or llm_dir),

@@ -255,8 +255,9 @@ def _base_dir(margs, targs) -> str:
     out = Path(targs.output_dir) / "base_model"
     if targs.should_save and not (out / "config.json").exists():
         dtype = torch.bfloat16 if targs.bf16 else torch.float16 if targs.fp16 else torch.float32
+        # the stage-1 projector decides the projector type (linear or mlp2x_gelu) of the base model
         convert.build_native_llava(margs.llm_dir, margs.vision_dir, out, vision_feature_layer=margs.vision_feature_layer,
-                                   dtype=dtype)
+                                   dtype=dtype, projector=margs.pretrain_mm_mlp_adapter)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return str(out)
@@ -380,7 +381,8 @@ def save_stage2(trainer: Trainer, output_dir: str) -> None:
     else:
         proj = trained_projector(trainer.model)
     if trainer.args.should_save:
-        torch.save(convert.native_to_upstream(proj), os.path.join(output_dir, "mm_projector.bin"))
+        kind = convert.native_projector_type(trainer.model.get_base_model().config)
+        torch.save(convert.native_to_upstream(proj, projector_type=kind), os.path.join(output_dir, "mm_projector.bin"))
 
 
 def merge_main(argv: List[str]) -> int:

@@ -56,7 +56,7 @@ def load_stage2(model_dir, bits: int = 16, lora_r: int = 8, lora_alpha: int = 16
     (default: everything on the CPU). Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
-    from llava_contrastive.hosts.hf.convert import load_projector
+    from llava_contrastive.hosts.hf.convert import freeze_fixed_projector_parts, load_projector
     from llava_contrastive.hosts.hf.model import ContrastiveLlavaForConditionalGeneration
 
     model_class = model_class or ContrastiveLlavaForConditionalGeneration
@@ -74,6 +74,7 @@ def load_stage2(model_dir, bits: int = 16, lora_r: int = 8, lora_alpha: int = 16
     config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=LORA_TARGETS,
                         modules_to_save=["multi_modal_projector"], bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
+    freeze_fixed_projector_parts(peft_model.get_base_model())  # the trainable copy's too
     return peft_model
 
 

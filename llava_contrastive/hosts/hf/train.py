@@ -90,6 +90,9 @@ class ModelArguments:
     vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP or SigLIP vision tower"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "initial projector (upstream or native keys)"})
     vision_feature_layer: int = field(default=-2)
+    mm_projector_type: Optional[str] = field(default=None, metadata={
+        "help": "with --llm_dir/--vision_dir: mlp2x_gelu or linear (default: that of --pretrain_mm_mlp_adapter, "
+                "else mlp2x_gelu); a native checkpoint's own is kept"})
 
 
 @dataclass
@@ -253,12 +256,13 @@ def run(argv=None) -> Trainer:
         model, processor = convert.build_native_llava(
             margs.llm_dir, margs.vision_dir, None, projector=margs.pretrain_mm_mlp_adapter,
             vision_feature_layer=margs.vision_feature_layer, model_class=ContrastiveLlavaForConditionalGeneration,
-            seed=targs.seed)
+            seed=targs.seed, projector_type=margs.mm_projector_type)
     else:
         raise ValueError("give --model_name_or_path, or --llm_dir and --vision_dir")
     model.config.use_cache = False
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
+    convert.freeze_fixed_projector_parts(model)
     model.init_contrastive(cargs, processor.tokenizer)
 
     records = checked_records(dargs, check, targs, processor.tokenizer, model.config.image_seq_length)
