@@ -18,6 +18,7 @@ def test_variant_and_baseline_names():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_axes_run_each_combination_against_its_own_baseline(tiny_assets, tmp_path):
     rows = ablate.run(["--output_dir", str(tmp_path), "--steps", "3", "--batch", "8", "--seeds", "0",
                        "--configs", "joint_w0.5", "--llms", "llama", "mistral", "--projectors", "linear",

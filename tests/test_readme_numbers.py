@@ -48,3 +48,4 @@ def test_default_run_reproduces_the_readme(tmp_path):
     check = subprocess.run([sys.executable, "-m", "llava_contrastive", "headline", "--check", "--report", str(report)],
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
+

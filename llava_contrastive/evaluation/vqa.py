@@ -111,11 +111,15 @@ def _key(question_id) -> str:
     return json.dumps(question_id)  # 1 and "1" stay distinct; any JSON value is hashable this way
 
 
-def until_eos(row, eos_id: Optional[int]):
-    """The generated tokens (a 1-D tensor) before the first EOS: the rest of a batch row is padding."""
-    if eos_id is None:
+def until_eos(row, eos_id):
+    """The generated tokens (a 1-D tensor) before the first EOS (one id, or several: a chat template's
+    end-of-turn marker too): the rest of a batch row is padding."""
+    import torch
+
+    ids = [i for i in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id]) if i is not None]
+    if not ids:
         return row
-    hits = (row == eos_id).nonzero()
+    hits = torch.isin(row, torch.tensor(ids, device=row.device)).nonzero()
     return row[: int(hits[0])] if len(hits) else row
 
 

@@ -15,7 +15,9 @@
 #   DATA_PATH=./playground/data/llava_v1_5_mix665k.json  IMAGE_FOLDER=./playground/data
 #   OUTPUT_DIR=./checkpoints/llava-v1.5-13b-lora-contrastive-hf  NUM_GPUS=8 GLOBAL_BATCH=128 PER_DEVICE_BATCH=16
 # Other variables: BITS (16 | 8 | 4; QLoRA), LORA_R, LORA_ALPHA, LORA_DROPOUT, LR, MM_PROJECTOR_LR,
-# MAX_LENGTH, EPOCHS, SAVE_STEPS, EVAL_SIZE + EVAL_STEPS (held-out records and evaluation interval),
+# CONV_VERSION (v1, upstream's Vicuna template, or chat_template: the LLM tokenizer's own, e.g. Qwen2's ChatML;
+# answer with --conv-mode chat_template), MAX_LENGTH, EPOCHS, SAVE_STEPS, EVAL_SIZE + EVAL_STEPS (held-out
+# records and evaluation interval),
 # MERGE_DIR (merge LoRA into a float32 reload of the base and save a native checkpoint there),
 # REPORT_TO, SEED, WORKERS, GRAD_CKPT, DEEPSPEED_CONFIG, PYTHON (your own stack-M interpreter).
 # Extra arguments go to the entry (any TrainingArguments flag).
@@ -62,7 +64,7 @@ EVAL=(--eval_strategy no)
 MERGE=(); [[ -n "${MERGE_DIR:-}" ]] && MERGE=(--merge_and_export "$MERGE_DIR")
 ds=(); [[ -n "${DEEPSPEED_CONFIG:-}" ]] && ds=(--deepspeed "$DEEPSPEED_CONFIG")
 launch llava_contrastive.hosts.hf.finetune \
-  "${ds[@]}" "${BASE[@]}" "${PROJ[@]}" --version v1 \
+  "${ds[@]}" "${BASE[@]}" "${PROJ[@]}" --version "${CONV_VERSION:-v1}" \
   --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --image_aspect_ratio pad \
   --bits "${BITS:-16}" --lora_enable True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" \
   --lora_dropout "${LORA_DROPOUT:-0.05}" --mm_projector_lr "${MM_PROJECTOR_LR:-2e-5}" \

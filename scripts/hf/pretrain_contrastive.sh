@@ -13,6 +13,7 @@
 #   IMAGE_FOLDER=./playground/data/LLaVA-Pretrain/images  OUTPUT_DIR=./checkpoints/llava-v1.5-13b-pretrain-contrastive-hf
 #   NUM_GPUS=8 NNODES=1 GLOBAL_BATCH=256 PER_DEVICE_BATCH=32 REPORT_TO=wandb SAVE_STEPS=200
 #   DEEPSPEED_CONFIG=scripts/zero2.json  CONTRASTIVE_WEIGHT=...  PYTHON=<your stack-M python>
+#   PROJECTOR_TYPE=mlp2x_gelu (default) | linear  (with VISION_TOWER: the projector built at start-up)
 # Extra arguments go to the entry (any --contrastive_* flag or TrainingArguments flag).
 # Re-running the same command after an interruption resumes from the last complete checkpoint.
 # Output: mm_projector.bin (upstream keys; --pretrain_mm_mlp_adapter of either host's stage 2), the
@@ -42,7 +43,7 @@ else
   TINY=0
 fi
 if [[ -n "${VISION_TOWER:-}" ]]; then
-  BASE=(--llm_dir "$MODEL" --vision_dir "$VISION_TOWER")
+  BASE=(--llm_dir "$MODEL" --vision_dir "$VISION_TOWER" --mm_projector_type "${PROJECTOR_TYPE:-mlp2x_gelu}")
 else
   BASE=(--model_name_or_path "$MODEL")
 fi

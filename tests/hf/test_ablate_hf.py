@@ -24,6 +24,7 @@ def test_axes_are_checked_against_the_host():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_native_axes_run_each_combination_against_its_own_baseline(tiny_assets, tmp_path):
     rows = ablate.run(["--host", "hf", "--output_dir", str(tmp_path), "--steps", "3", "--batch", "8", "--seeds", "0",
                        "--configs", "joint_w0.5", "--llms", "qwen2", "--visions", "siglip", "--projectors", "linear",

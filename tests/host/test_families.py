@@ -10,6 +10,7 @@ import pytest
 
 from llava_contrastive.training import preflight as pf
 from tests.host import runs
+from tests.host.test_model import upstream  # noqa: F401 (fixture: upstream tokenizer and plain template)
 from tests.host.test_upstream_loader import first_image, upstream_load
 
 
@@ -128,3 +129,79 @@ def test_stage2_refuses_a_projector_of_another_type(tiny_assets, tmp_path):
                                                                 lora=False, steps=2), check=False, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "mlp2x_gelu" in proc.stderr and "mm_projector.bin" in proc.stderr
+
+
+def test_mistral_joint_term_is_the_core_loss_and_weight_zero_is_upstreams_mistral(mistral_assets, upstream):
+    """In process, upstream's LlavaMistralForCausalLM against the plugin's Mistral class: the joint
+    term is the core InfoNCE on the pair embeddings; at weight 0, three SGD steps on the same batch
+    give the same loss and the same projector, step for step."""
+    import torch
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+
+    from llava_contrastive.core.losses import info_nce_loss
+    from llava_contrastive.hosts.llava.model import ContrastiveLlavaMistralForCausalLM
+    from tests.host.test_model import build, make_batch, upstream_twin
+
+    records = json.loads(mistral_assets.pretrain_json.read_text())[:6]
+    batch = make_batch(mistral_assets, upstream, records)
+    joint = build(mistral_assets, upstream, model_class=ContrastiveLlavaMistralForCausalLM)
+    out = joint(**batch)
+    image, text, keys, _, _ = joint.embed_pairs(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                batch["images"])
+    expected = info_nce_loss(image, text, joint.contrastive_head.logit_scale(), duplicate_keys=keys)
+    assert out.contrastive_loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+    ours = build(mistral_assets, upstream, model_class=ContrastiveLlavaMistralForCausalLM, contrastive_weight=0.0)
+    theirs = upstream_twin(LlavaMistralForCausalLM, mistral_assets, ours)
+    theirs.requires_grad_(False)
+    theirs.get_model().mm_projector.requires_grad_(True)
+    theirs.train()
+    opts = [torch.optim.SGD(m.get_model().mm_projector.parameters(), lr=0.1) for m in (ours, theirs)]
+    for _ in range(3):
+        losses = []
+        for model, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == losses[1]
+    for a, b in zip(ours.get_model().mm_projector.parameters(), theirs.get_model().mm_projector.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_mistral_two_ranks_zero2_match_one_process(mistral_assets, tmp_path):
+    """The Mistral class under DeepSpeed ZeRO-2 on 2 ranks (torchrun, gloo, CPU) against 1 process with
+    the same global batch of 8: the same NTP and contrastive losses each step, negatives gathered from
+    both ranks, and the same projector. The 8 captions have the same token count, so the average of the
+    ranks' NTP means (upstream's trainer) is the one-process mean."""
+    import collections
+
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(mistral_assets.llm_dir), use_fast=False)
+    by_length = collections.defaultdict(list)
+    for record in json.loads(mistral_assets.pretrain_json.read_text()):
+        by_length[len(tok(record["conversations"][1]["value"]).input_ids)].append(record)
+    eight = next(group[:8] for group in by_length.values() if len(group) >= 8)
+    data = tmp_path / "eight.json"
+    data.write_text(json.dumps(eight))
+    outs = {}
+    for nproc in (1, 2):
+        out = outs[nproc] = tmp_path / f"ranks{nproc}"
+        args = runs.stage1_args(mistral_assets, out, steps=4, batch=8 // nproc,
+                                extra=["--data_path", str(data), "--deepspeed", str(runs.ZERO2)])
+        runs.run("llava_contrastive.train", args, nproc=nproc, force_launcher=True, log=tmp_path / f"ranks{nproc}.log")
+    ref, logs = runs.train_logs(outs[1]), runs.train_logs(outs[2])
+    assert len(ref) == len(logs) == 4
+    for a, b in zip(logs, ref):
+        assert a["negatives"] == b["negatives"] == 7
+        for key in ("ntp_loss", "contrastive_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
+    assert json.loads((outs[2] / "config.json").read_text())["model_type"] == "llava_mistral"
+    one, two = (torch.load(o / "mm_projector.bin", weights_only=True) for o in (outs[1], outs[2]))
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=0, atol=1e-5)

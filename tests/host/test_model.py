@@ -27,11 +27,11 @@ def upstream(tiny_assets):
     conversation.default_conversation = saved
 
 
-def build(tiny_assets, upstream, **flags):
+def build(tiny_assets, upstream, model_class=None, **flags):
     from llava_contrastive.hosts.llava.model import ContrastiveLlavaForCausalLM
 
     torch.manual_seed(0)
-    model = ContrastiveLlavaForCausalLM.from_pretrained(str(tiny_assets.llm_dir))
+    model = (model_class or ContrastiveLlavaForCausalLM).from_pretrained(str(tiny_assets.llm_dir))
     args = SimpleNamespace(vision_tower=str(tiny_assets.vision_dir), mm_vision_select_layer=-2,
                            mm_vision_select_feature="patch", pretrain_mm_mlp_adapter=None,
                            mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu")
@@ -155,16 +155,22 @@ def test_gradient_checkpointing_same_loss_and_grads_single_capture(tiny_assets, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def upstream_twin(upstream_class, assets, ours):
+    """Upstream's own class on the same LLM, tower and projector weights as ``ours``."""
+    theirs = upstream_class.from_pretrained(str(assets.llm_dir))
+    theirs.get_model().initialize_vision_modules(model_args=SimpleNamespace(
+        vision_tower=str(assets.vision_dir), mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+        pretrain_mm_mlp_adapter=None, mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu"))
+    theirs.get_model().mm_projector.load_state_dict(ours.get_model().mm_projector.state_dict())
+    theirs.config.tokenizer_model_max_length = 96
+    return theirs
+
+
 def test_weight_zero_is_upstream_forward(tiny_assets, upstream, batch):
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 
     ours = build(tiny_assets, upstream, contrastive_weight=0.0)
-    theirs = LlavaLlamaForCausalLM.from_pretrained(str(tiny_assets.llm_dir))
-    theirs.get_model().initialize_vision_modules(model_args=SimpleNamespace(
-        vision_tower=str(tiny_assets.vision_dir), mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-        pretrain_mm_mlp_adapter=None, mm_patch_merge_type="flat", mm_projector_type="mlp2x_gelu"))
-    theirs.get_model().mm_projector.load_state_dict(ours.get_model().mm_projector.state_dict())
-    theirs.config.tokenizer_model_max_length = 96
+    theirs = upstream_twin(LlavaLlamaForCausalLM, tiny_assets, ours)
     assert ours(**batch).loss.item() == theirs(**batch).loss.item()
 
 

@@ -247,6 +247,10 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
     seq = (size // patch) ** 2  # patch tokens: CLIP's class token is dropped, SigLIP has none
     processor = build_processor(llm_dir, vision_dir, patch, seq, chat_template=PLAIN_CHAT_TEMPLATE,
                                 class_token=class_token)
+    if getattr(processor.tokenizer, "chat_template", None):
+        # an LLM with a chat template of its own (Qwen2's ChatML, ...) keeps it: the processor gets no
+        # separate one, which save_pretrained would write over the tokenizer's
+        processor.chat_template = None
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vocab = max(len(tokenizer), text_config.vocab_size)

@@ -64,7 +64,9 @@ class ModelArguments:
     vision_dir: Optional[str] = field(default=None, metadata={"help": "... and this CLIP or SigLIP vision tower (saved to OUTPUT_DIR/base_model)"})
     vision_feature_layer: int = field(default=-2, metadata={"help": "with --llm_dir/--vision_dir"})
     pretrain_mm_mlp_adapter: Optional[str] = field(default=None, metadata={"help": "stage-1 projector (upstream mm_projector.bin or native keys)"})
-    version: str = field(default="v1", metadata={"help": "conversation template: v1 (vicuna_v1) only"})
+    version: str = field(default="v1", metadata={
+        "help": "conversation template: v1 (vicuna_v1, upstream's) or chat_template (the LLM tokenizer's own, "
+                "e.g. Qwen2's ChatML; answer with python -m llava_contrastive.vqa --host hf --conv-mode chat_template)"})
     bits: int = field(default=16, metadata={"help": "16: LoRA on the float base; 8 / 4: QLoRA on an int8 / NF4 LLM"})
     lora_enable: bool = field(default=True, metadata={"help": "upstream flag; this entry trains LoRA only"})
     lora_r: int = field(default=64)
@@ -235,8 +237,9 @@ def _check_args(margs, dargs, targs, cargs):
             "image). Add the term in stage 1 (python -m llava_contrastive.hosts.hf.train), as the paper does.")
     if not margs.lora_enable:
         raise ValueError("--lora_enable False (full fine-tune) is not supported by this entry: it trains LoRA adapters")
-    if margs.version not in ("v1", "vicuna_v1"):
-        raise ValueError(f"--version {margs.version!r}: only the v1 (vicuna_v1) conversation template is supported")
+    if margs.version not in ("v1", "vicuna_v1", "chat_template"):
+        raise ValueError(f"--version {margs.version!r}: choose v1 (vicuna_v1, upstream's template) or chat_template "
+                         f"(the tokenizer's own)")
     if margs.bits not in (16, 8, 4):
         raise ValueError(f"--bits must be 16, 8 or 4, got {margs.bits}")
     if not dargs.data_path:
@@ -304,7 +307,7 @@ def main(argv=None):
     logger.info("[stage2] bits=%d, trainable %d parameters (LoRA %d, projector %d)", margs.bits, n_train, n_lora,
                 n_train - n_lora)
 
-    train_ds, eval_ds = _datasets(dargs, targs, processor, base.config.image_seq_length)
+    train_ds, eval_ds = _datasets(dargs, targs, processor, base.config.image_seq_length, margs.version)
 
     trainer = Stage2Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
                             data_collator=InstructCollator(processor.tokenizer.pad_token_id),
@@ -342,7 +345,7 @@ def _stage2_training_args(targs) -> None:
             setattr(targs, kw_name, {"use_reentrant": False})
 
 
-def _datasets(dargs, targs, processor, image_seq_length: int):
+def _datasets(dargs, targs, processor, image_seq_length: int, prompt_format: str = "v1"):
     """(train, eval or None) InstructDatasets: eval from --eval_data_path, or --eval_size held out."""
     with open(dargs.data_path) as f:
         records = json.load(f)
@@ -354,7 +357,7 @@ def _datasets(dargs, targs, processor, image_seq_length: int):
         records, eval_records = split_records(records, dargs.eval_size, targs.seed)
     ds_kw = dict(image_folder=dargs.image_folder, processor=processor, image_seq_length=image_seq_length,
                  max_length=dargs.model_max_length, image_aspect_ratio=dargs.image_aspect_ratio,
-                 strict=dargs.strict_data)
+                 strict=dargs.strict_data, prompt_format=prompt_format)
     train_ds = InstructDataset(records, name="train", **ds_kw)
     eval_ds = InstructDataset(eval_records, name="eval", **ds_kw) if eval_records else None
     if eval_ds is None and targs.eval_strategy != "no":

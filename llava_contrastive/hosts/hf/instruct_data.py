@@ -18,6 +18,11 @@ finds the same spans by re-tokenising each round and subtracting fixed offsets; 
 prompt is tokenised once and the spans come from the tokenizer's character offsets, so there is no
 "tokenization mismatch" case.
 
+``--version chat_template`` renders the same turns with the LLM tokenizer's own chat template
+(e.g. Qwen2's ChatML: ``<|im_start|>user\n<image>\nQuestion?<|im_end|>\n<|im_start|>assistant\n
+Answer.<|im_end|>\n``); the labels keep each assistant turn from the end of the generation prompt
+before it through its closing marker (found by rendering the conversation turn by turn).
+
 Truncation to ``model_max_length`` cuts from the end, like upstream. A record whose image tokens would
 be cut, or that keeps no answer token after the cut, is dropped when the dataset is built (counted
 and logged with its id); ``strict=True`` raises instead, naming the record.
@@ -114,6 +119,52 @@ def generation_prompt(question: str, has_image: bool = True, system: str = SYSTE
     return f"{system} {USER}: {q} {ASSISTANT}:"
 
 
+PROMPT_FORMATS = ("v1", "chat_template")
+
+
+def chat_messages(turns: Sequence[Tuple[str, str]]) -> List[Dict[str, str]]:
+    return [{"role": "user" if role == USER else "assistant", "content": text} for role, text in turns]
+
+
+def _render(tokenizer, messages, generation: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def build_chat_prompt(tokenizer, turns: Sequence[Tuple[str, str]]) -> Tuple[str, List[Tuple[int, int]]]:
+    """The conversation in the tokenizer's chat template and the character spans the labels keep:
+    each assistant turn from the end of the generation prompt before it to its end (trailing
+    whitespace excluded), found by rendering the conversation turn by turn."""
+    messages = chat_messages(turns)
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, upto = _render(tokenizer, messages[:i], generation=True), _render(tokenizer, messages[:i + 1])
+        if not (text.startswith(upto) and upto.startswith(before)):
+            raise ValueError("the tokenizer's chat template does not render a conversation as the concatenation of "
+                             "its turns (the answer spans cannot be found). Fix: use --version v1.")
+        spans.append((len(before), len(upto.rstrip())))
+    return text, spans
+
+
+def chat_generation_prompt(tokenizer, question: str, has_image: bool = True) -> str:
+    """One user turn in the tokenizer's chat template, with its generation prompt."""
+    q = (IMAGE_PLACEHOLDER + "\n" + question) if has_image else question
+    return _render(tokenizer, [{"role": "user", "content": q}], generation=True)
+
+
+def chat_turn_end_ids(tokenizer) -> List[int]:
+    """The token that closes an assistant turn in the tokenizer's chat template (ChatML: <|im_end|>),
+    as a generation stop id; [] when the template closes turns with plain text or not at all."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    before, full = _render(tokenizer, messages[:1], generation=True), _render(tokenizer, messages)
+    if not full.startswith(before + "y"):
+        return []
+    ids = tokenizer(full[len(before) + 1:].strip(), add_special_tokens=False).input_ids
+    return ids[:1] if ids and ids[0] in tokenizer.all_special_ids else []
+
+
 @dataclass
 class Encoded:
     input_ids: List[int]      # with the image placeholder still one token
@@ -135,6 +186,8 @@ def _label_positions_from_offsets(offsets, spans) -> List[bool]:
 class V1Tokenizer:
     """Tokenises ``v1`` prompts with the native processor's tokenizer and labels the answer spans."""
 
+    add_special_tokens = True  # the tokenizer's BOS before the system prompt, as upstream
+
     def __init__(self, tokenizer, image_token_id: int):
         self.tok = tokenizer
         self.image_token_id = int(image_token_id)
@@ -144,25 +197,29 @@ class V1Tokenizer:
         self.use_offsets = bool(getattr(tokenizer, "is_fast", False))
 
     def encode_text(self, text: str, spans) -> Encoded:
+        special = self.add_special_tokens
         if self.use_offsets:
-            enc = self.tok(text, add_special_tokens=True, return_offsets_mapping=True)
+            enc = self.tok(text, add_special_tokens=special, return_offsets_mapping=True)
             ids = list(enc["input_ids"])
             keep = _label_positions_from_offsets(enc["offset_mapping"], spans)
         else:  # slow tokenizer: span boundaries by tokenising prefixes (as upstream's preprocess_v1 does)
-            ids = list(self.tok(text, add_special_tokens=True).input_ids)
+            ids = list(self.tok(text, add_special_tokens=special).input_ids)
             keep = [False] * len(ids)
             for a, b in spans:
-                lo = len(self.tok(text[:a], add_special_tokens=True).input_ids)
-                hi = len(self.tok(text[:b], add_special_tokens=True).input_ids)
+                lo = len(self.tok(text[:a], add_special_tokens=special).input_ids)
+                hi = len(self.tok(text[:b], add_special_tokens=special).input_ids)
                 for k in range(lo, min(hi, len(ids))):
                     keep[k] = True
         labels = [t if k and t != self.image_token_id else IGNORE_INDEX for t, k in zip(ids, keep)]
         image_index = ids.index(self.image_token_id) if self.image_token_id in ids else -1
         return Encoded(ids, labels, image_index)
 
+    def prompt(self, turns) -> Tuple[str, List[Tuple[int, int]]]:
+        return build_prompt(turns, eos=self.eos)
+
     def encode(self, record, index: Optional[int] = None) -> Encoded:
         turns = turns_of(record, index)
-        text, spans = build_prompt(turns, eos=self.eos)
+        text, spans = self.prompt(turns)
         enc = self.encode_text(text, spans)
         n_img = enc.input_ids.count(self.image_token_id)
         want = 1 if "image" in record else 0
@@ -170,6 +227,29 @@ class V1Tokenizer:
             raise RecordError(f"record {record_id(record, index)}: tokenised prompt has {n_img} image tokens, "
                               f"expected {want}")
         return enc
+
+
+class ChatTemplateTokenizer(V1Tokenizer):
+    """The same rows in the tokenizer's own chat template (its special tokens come from the template)."""
+
+    add_special_tokens = False
+
+    def __init__(self, tokenizer, image_token_id: int):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--version chat_template: the tokenizer ({type(tokenizer).__name__}) has no chat "
+                             f"template. Fix: use --version v1 (upstream's Vicuna template).")
+        super().__init__(tokenizer, image_token_id)
+
+    def prompt(self, turns) -> Tuple[str, List[Tuple[int, int]]]:
+        return build_chat_prompt(self.tok, turns)
+
+
+def prompt_tokenizer(prompt_format: str, tokenizer, image_token_id: int) -> V1Tokenizer:
+    if prompt_format in ("v1", "vicuna_v1"):
+        return V1Tokenizer(tokenizer, image_token_id)
+    if prompt_format == "chat_template":
+        return ChatTemplateTokenizer(tokenizer, image_token_id)
+    raise ValueError(f"--version {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
 
 
 def expand_and_truncate(enc: Encoded, image_seq_length: int, max_length: int, image_token_id: int,
@@ -220,7 +300,8 @@ class InstructDataset(Dataset):
     first raises RecordError naming it. Rows are tokenised again, lazily, in ``__getitem__``."""
 
     def __init__(self, records_or_path, image_folder, processor, image_seq_length: int, max_length: int = 2048,
-                 image_aspect_ratio: str = "square", strict: bool = False, name: str = "data"):
+                 image_aspect_ratio: str = "square", strict: bool = False, name: str = "data",
+                 prompt_format: str = "v1"):
         if isinstance(records_or_path, (str, os.PathLike)):
             with open(records_or_path) as f:
                 records = json.load(f)
@@ -235,7 +316,7 @@ class InstructDataset(Dataset):
         self.image_seq_length = int(image_seq_length)
         self.max_length = int(max_length)
         self.image_aspect_ratio = image_aspect_ratio
-        self.v1 = V1Tokenizer(self.tokenizer, self.image_token_id)
+        self.v1 = prompt_tokenizer(prompt_format, self.tokenizer, self.image_token_id)
         self.dropped: List[Tuple[int, str]] = []
         self.records = []
         self.indices: List[int] = []  # position of each kept record in the input list
@@ -244,12 +325,13 @@ class InstructDataset(Dataset):
             prompts = []
             for i, r in enumerate(chunk, start):
                 try:
-                    prompts.append((i, r, build_prompt(turns_of(r, i), eos=self.v1.eos)[0]))
+                    prompts.append((i, r, self.v1.prompt(turns_of(r, i))[0]))
                 except RecordError as e:
                     if strict:
                         raise
                     self.dropped.append((i, str(e)))
-            batch_ids = self.tokenizer([p for _, _, p in prompts], add_special_tokens=True)["input_ids"] \
+            batch_ids = self.tokenizer([p for _, _, p in prompts], add_special_tokens=self.v1.add_special_tokens
+                                       )["input_ids"] \
                 if prompts else []
             for (i, r, _), ids in zip(prompts, batch_ids):
                 n = len(ids) + ((self.image_seq_length - 1) if "image" in r else 0)
