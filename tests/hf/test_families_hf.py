@@ -40,6 +40,15 @@ def test_stage1_on_another_family_loads_natively(tiny_assets, tmp_path, family):
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert inputs["input_ids"].shape[1] < generated.shape[1] <= inputs["input_ids"].shape[1] + 3
+    # its stage-1 projector loads strictly into this family's stage 2 (LoRA; the projector's trainable copy)
+    from llava_contrastive.hosts.hf.lora import load_stage2
+
+    state = torch.load(out / "mm_projector.bin", weights_only=True)
+    params = dict(load_stage2(out, projector=str(out / "mm_projector.bin")).named_parameters())
+    copy = {n.split("modules_to_save.default.")[1]: p for n, p in params.items() if "modules_to_save.default." in n}
+    assert sorted(copy) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    assert torch.equal(copy["linear_1.weight"].detach(), state["model.mm_projector.0.weight"])
+    assert torch.equal(copy["linear_2.weight"].detach(), state["model.mm_projector.2.weight"])
 
 
 @pytest.mark.parametrize("family, tower, projector", [
