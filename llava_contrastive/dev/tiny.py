@@ -428,8 +428,8 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
     base = _base_stamp(assets)
     out = family_llm_dir(assets, family)
     key = {"family": family, "seed": seed, "assets": {k: base[k] for k in ("format_version", "seed", "settings")}}
-    if family == "qwen2":
-        key["tokenizer"] = "qwen2 byte-level BPE"
+    # qwen2: its own byte-level BPE; others: the SentencePiece model plus its tokenizer.json
+    key["tokenizer"] = "qwen2 byte-level BPE" if family == "qwen2" else "sentencepiece + tokenizer.json"
     log = print if verbose else (lambda msg: None)
     s = base["settings"]
 
@@ -442,6 +442,7 @@ def build_family_llm(assets: TinyAssets, family: str, seed: int = 0, force: bool
         else:
             tok = AutoTokenizer.from_pretrained(str(assets.llm_dir), use_fast=False)
             tok.save_pretrained(str(tmp))
+            M.write_fast_tokenizer(assets.llm_dir, tmp, tok, texts[:500])
         held = D.caption_texts(json.loads(assets.heldout_json.read_text()))
         log(f"[tiny] llm ({family}, {s['tier']} tier): {s['lm_steps']} steps x {s['lm_batch_size']} on "
             f"{len(texts)} texts")

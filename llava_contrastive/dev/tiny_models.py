@@ -132,6 +132,31 @@ def train_qwen2_tokenizer(texts: Sequence[str], llm_dir: Path, vocab_size: int =
     return tok
 
 
+def write_fast_tokenizer(slow_dir: Path, out_dir: Path, slow, texts: Sequence[str]) -> None:
+    """Write ``tokenizer.json`` (the fast form of the tiny SentencePiece tokenizer, legacy=False) into a
+    family LLM's directory and check that ``AutoTokenizer`` there tokenizes ``texts`` as ``slow`` does.
+    transformers 5 loads a Mistral directory through its fast backend, converting ``tokenizer.model``
+    on the fly, which drops the leading "▁" of the first word: the LLM would see other ids at stage 1
+    than it was pretrained on."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        from transformers import LlamaTokenizerFast
+
+        fast = LlamaTokenizerFast.from_pretrained(str(slow_dir), from_slow=True, legacy=False)
+    else:  # its Llama tokenizer is the fast backend, converted as the slow one tokenizes
+        fast = AutoTokenizer.from_pretrained(str(slow_dir))
+    fast.backend_tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
+    loaded = AutoTokenizer.from_pretrained(str(out_dir))
+    for special in (True, False):
+        bad = [t for t in texts if loaded(t, add_special_tokens=special).input_ids
+               != slow(t, add_special_tokens=special).input_ids]
+        if bad:
+            raise RuntimeError(f"{out_dir}: {type(loaded).__name__} tokenizes {len(bad)} of {len(texts)} texts "
+                               f"differently from the SentencePiece model, e.g. {bad[0]!r}")
+
+
 def _default_shape(part: str) -> Dict[str, int]:
     from llava_contrastive.dev.tiny import tier_shapes
 

@@ -108,3 +108,21 @@ def test_tiny_qwen2_has_a_qwen2_tokenizer(tiny_assets):
     cfg = AutoConfig.from_pretrained(str(llm))
     assert cfg.model_type == "qwen2" and cfg.eos_token_id == tok.eos_token_id and cfg.vocab_size == len(tok)
     assert json.loads((llm / "STAMP.json").read_text())["tokenizer"] == "qwen2 byte-level BPE"
+
+
+def test_tiny_mistral_tokenizes_as_its_pretraining_tokenizer(tiny_assets):
+    """transformers 5 loads a Mistral directory through its fast backend: with the tokenizer.json the
+    tiny build writes, the ids equal those of the SentencePiece tokenizer the LLM was pretrained with
+    (without it the first word of every caption got another id)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from llava_contrastive.dev.tiny import build_family_llm
+
+    llm = build_family_llm(tiny_assets, "mistral")
+    ours, reference = AutoTokenizer.from_pretrained(str(llm)), AutoTokenizer.from_pretrained(str(tiny_assets.llm_dir))
+    texts = [r["conversations"][1]["value"] + "\n" for r in json.loads(tiny_assets.pretrain_json.read_text())[:200]]
+    for special in (True, False):
+        assert [ours(t, add_special_tokens=special).input_ids for t in texts] == \
+            [reference(t, add_special_tokens=special).input_ids for t in texts]
