@@ -54,3 +54,8 @@ def test_paired_differences_and_comparison_table():
     lines = ablate.comparison_lines(list(summary.values()))
     (line,) = [ln for ln in lines if ln.startswith("| joint_w0.5 |")]
     assert line.startswith("| joint_w0.5 | qwen2 | siglip | linear | 3 | 0.100 -> 0.130 | +3.0 [-3.6, +9.6] |")
+
+
+def test_rows_with_axes_stay_one_table_cell():
+    assert ablate.cell(ablate.variant_name("joint_w0.5", "qwen2", "linear", "siglip")) == \
+        "joint_w0.5, llm=qwen2, vision=siglip, projector=linear"

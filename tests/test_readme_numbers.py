@@ -49,3 +49,15 @@ def test_default_run_reproduces_the_readme(tmp_path):
                            env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
 
+
+def test_analysis_tables_are_copied_from_the_generated_reports():
+    """Every table row of the README's analysis section is a row of a report `ablate` wrote
+    (docs/analysis/*.md), character for character: no number there is typed by hand."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Across LLM families, vision towers and projectors")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    assert len(rows) >= 10, rows
+    generated = "\n".join(p.read_text() for p in sorted((REPO / "docs" / "analysis").glob("*.md")))
+    missing = [row for row in rows if row not in generated.splitlines()]
+    assert not missing, missing

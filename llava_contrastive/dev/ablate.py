@@ -259,6 +259,11 @@ def _ci(value: Optional[list], p: int = 1) -> str:
     return f"{mean:+.{p}f}" + ("" if math.isnan(lo) else f" [{lo:+.{p}f}, {hi:+.{p}f}]")
 
 
+def cell(name: str) -> str:
+    """A row name as one markdown table cell (the axes' separator is a pipe)."""
+    return name.replace(AXIS_SEP, ", ")
+
+
 def comparison_lines(summary: List[dict]) -> List[str]:
     """One row per (configuration, LLM, tower, projector) against its own ntp_only row."""
     rows = [s for s in summary if s.get("seeds") and "d_i2t" in s]
@@ -304,7 +309,7 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
     ]
     for s in summary:
         if not s.get("seeds"):
-            lines.append(f"| {s['config']} | not run / failed | | | | | | | | | |")
+            lines.append(f"| {cell(s['config'])} | not run / failed | | | | | | | | | |")
             continue
 
         def f(k, p=3):
@@ -313,7 +318,7 @@ def write_outputs(out: Path, rows: List[dict], summary: List[dict], a) -> None:
         ratio = "-" if "i2t_ratio" not in s else ("n/a (ntp_only 0)" if math.isinf(s["i2t_ratio"]) else f"{s['i2t_ratio']:.1f}x")
         gap = f"{100 * s['gap_change']:+.1f}%" if "gap_change" in s else "-"
         ntp = f"{100 * s['ntp_change']:+.2f}%" if "ntp_change" in s else "-"
-        lines.append(f"| {s['config']} | {f('i2t@1')} | {f('t2i@1')} | {ratio} | {f('modality_gap')} | {gap} | "
+        lines.append(f"| {cell(s['config'])} | {f('i2t@1')} | {f('t2i@1')} | {ratio} | {f('modality_gap')} | {gap} | "
                      f"{f('ntp_loss', 4)} | {ntp} | {f('train_final_ntp_loss', 4)} | {s['s_per_step']:.3f} | {s['pass']} |")
     lines += ["", f"Chance level: {summary[0].get('chance', float('nan')):.5f}." if summary else "",
               f"Host: {'transformers-native LLaVA' if a.host == 'hf' else 'upstream LLaVA'}; LLM families: "
