@@ -61,3 +61,20 @@ def test_analysis_tables_are_copied_from_the_generated_reports():
     generated = "\n".join(p.read_text() for p in sorted((REPO / "docs" / "analysis").glob("*.md")))
     missing = [row for row in rows if row not in generated.splitlines()]
     assert not missing, missing
+
+
+def test_exact_on_the_tables_cpu_model_and_a_tolerance_elsewhere(tmp_path, monkeypatch):
+    """The table records the CPU model it was written on: --check is exact there, within
+    CROSS_CPU_TOLERANCE on another model (other SIMD kernels sum in another order)."""
+    report = {"i2t@1": 0.06, "modality_gap": 0.9908, "n": 1200, "provenance": {"seed": 42}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{headline.BEGIN}\n{headline.END}\n")
+    monkeypatch.setattr(headline, "cpu_model", lambda: "CPU A")
+    headline.write(readme, report, "r.json")
+    text = readme.read_text()
+    assert headline.readme_cpu(text) == "CPU A" and headline.check_tolerance(text, None) == 0.0
+    assert headline.check_tolerance(text, 0.003) == 0.003
+    monkeypatch.setattr(headline, "cpu_model", lambda: "CPU B")
+    assert headline.check_tolerance(text, None) == headline.CROSS_CPU_TOLERANCE
+    assert headline.mismatches(dict(report, modality_gap=0.9986), headline.readme_values(text),
+                               headline.check_tolerance(text, None)) == []
