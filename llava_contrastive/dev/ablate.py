@@ -237,10 +237,10 @@ def summarise(rows: List[dict], configs: List[str]) -> List[dict]:
     return summary
 
 
-PAIRED = {  # key -> (what, per-seed paired difference of a row r and its ntp_only row b)
-    "d_i2t": ("i2t@1 (points)", lambda r, b: 100 * (r["i2t@1"] - b["i2t@1"])),
-    "d_gap": ("modality gap", lambda r, b: r["modality_gap"] - b["modality_gap"]),
-    "d_ntp": ("held-out NTP (%)", lambda r, b: 100 * (r["ntp_loss"] / b["ntp_loss"] - 1)),
+PAIRED = {  # key -> per-seed paired difference of a row r and its ntp_only row b
+    "d_i2t": lambda r, b: 100 * (r["i2t@1"] - b["i2t@1"]),  # i2t@1, points
+    "d_gap": lambda r, b: r["modality_gap"] - b["modality_gap"],
+    "d_ntp": lambda r, b: 100 * (r["ntp_loss"] / b["ntp_loss"] - 1),  # held-out NTP, %
 }
 
 
@@ -249,7 +249,7 @@ def paired_differences(pairs: List[tuple]) -> Dict[str, list]:
     Student-t interval over seeds)."""
     from llava_contrastive.evaluation.stats import t_interval
 
-    return {k: list(t_interval([fn(r, b) for r, b in pairs])) for k, (_, fn) in PAIRED.items()}
+    return {k: list(t_interval([fn(r, b) for r, b in pairs])) for k, fn in PAIRED.items()}
 
 
 def _ci(value: Optional[list], p: int = 1) -> str:
@@ -397,18 +397,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
             p.error(f"{flag} {' '.join(wrong)}: the {a.host} host runs {', '.join(allowed)}"
                     + ("; qwen2 and siglip run on the native host (--host hf, under .venv-hf)" if a.host == "llava"
                        else "; mlp3x_gelu runs on the upstream host (--host llava)"))
-    if a.host == "hf" and _transformers_major() < 5:
+    from llava_contrastive.dev.tiny_models import transformers_major
+
+    if a.host == "hf" and transformers_major() < 5:
         p.error("--host hf needs the native stack (transformers 5): run it with .venv-hf/bin/python "
                 "(bash scripts/setup_env_hf.sh)")
     if not a.threads:
         a.threads = max(1, (os.cpu_count() or 1) // a.jobs)
     return a
-
-
-def _transformers_major() -> int:
-    from importlib.metadata import version
-
-    return int(version("transformers").split(".")[0])
 
 
 def run(argv: Optional[Sequence[str]] = None) -> List[dict]:

@@ -132,16 +132,22 @@ def train_qwen2_tokenizer(texts: Sequence[str], llm_dir: Path, vocab_size: int =
     return tok
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version (4: stack U, 5: stack M), without importing it."""
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
 def write_fast_tokenizer(slow_dir: Path, out_dir: Path, slow, texts: Sequence[str]) -> None:
     """Write ``tokenizer.json`` (the fast form of the tiny SentencePiece tokenizer, legacy=False) into a
     family LLM's directory and check that ``AutoTokenizer`` there tokenizes ``texts`` as ``slow`` does.
     transformers 5 loads a Mistral directory through its fast backend, converting ``tokenizer.model``
     on the fly, which drops the leading "▁" of the first word: the LLM would see other ids at stage 1
     than it was pretrained on."""
-    import transformers
     from transformers import AutoTokenizer
 
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if transformers_major() < 5:
         from transformers import LlamaTokenizerFast
 
         fast = LlamaTokenizerFast.from_pretrained(str(slow_dir), from_slow=True, legacy=False)

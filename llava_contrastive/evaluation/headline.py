@@ -50,8 +50,7 @@ def cpu_model() -> str:
 
 def readme_cpu(text: str) -> Optional[str]:
     """The CPU model the README's headline block was written on (None for older blocks)."""
-    inner = text[text.index(BEGIN):text.index(END)] if BEGIN in text and END in text else ""
-    for line in inner.splitlines():
+    for line in _block(text).splitlines() if BEGIN in text and END in text else []:
         if line.startswith("CPU: "):
             return line[len("CPU: "):].rstrip(".")
     return None
@@ -82,11 +81,15 @@ def block(report: Mapping[str, Any], report_path: str) -> str:
     return "\n".join(lines)
 
 
+def _block(text: str) -> str:
+    return text[text.index(BEGIN):text.index(END)]
+
+
 def readme_values(text: str) -> Dict[str, float]:
     """{report key: value} of the README's headline block (ValueError when the markers are missing)."""
     if BEGIN not in text or END not in text:
         raise ValueError(f"no headline block (the line {BEGIN!r} ... {END!r})")
-    inner = text[text.index(BEGIN):text.index(END)]
+    inner = _block(text)
     return {m["key"]: float(m["value"]) for line in inner.splitlines() if (m := _ROW_RE.match(line.strip()))}
 
 

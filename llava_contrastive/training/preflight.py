@@ -47,6 +47,12 @@ UPSTREAM_FAMILY_OF_MODEL_TYPE = {
 UPSTREAM_FAMILIES = "llama, mistral"
 # the projector types the native host builds (hosts/hf/convert.NATIVE_PROJECTOR_ACT; a test compares)
 NATIVE_PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+
+
+def native_projector_refusal(kind: str) -> str:
+    return (f"--mm_projector_type {kind}: transformers' LlavaForConditionalGeneration has a two-layer projector, which "
+            f"computes {' and '.join(NATIVE_PROJECTOR_TYPES)} only. Fix: use one of those, or the upstream host "
+            f"(llava-contrastive train) for deeper mlpNx_gelu.")
 MPT_UNSUPPORTED = ("upstream's MPT path (LlavaMptForCausalLM) cannot run under this host's pinned stack: its train() "
                    "sets config.attn_config['attn_impl'], but transformers 4.37 loads MPT checkpoints with its own "
                    "MptConfig, whose attn_config is not a dict (MosaicML's remote code, which upstream expects, "
@@ -438,9 +444,7 @@ def check_models(cmd: Command, env: Mapping[str, str], cwd: Optional[str] = None
         out += check_model_path("vision_dir", cmd["vision_dir"], env, what="vision tower", cwd=cwd)
         kind = cmd["mm_projector_type"]
         if kind is not None and kind not in NATIVE_PROJECTOR_TYPES:
-            out.append(error(f"--mm_projector_type {kind}: transformers' LlavaForConditionalGeneration has a two-layer "
-                             f"projector, which computes {' and '.join(NATIVE_PROJECTOR_TYPES)} only. Fix: use one "
-                             f"of those, or the upstream host (llava-contrastive train) for deeper mlpNx_gelu."))
+            out.append(error(native_projector_refusal(kind)))
     adapter = cmd["pretrain_mm_mlp_adapter"]
     if adapter and not os.path.isfile(os.path.join(cwd or os.getcwd(), os.path.expanduser(adapter))):
         out.append(error(f"--pretrain_mm_mlp_adapter {adapter}: file not found. Fix: point it at the mm_projector.bin "

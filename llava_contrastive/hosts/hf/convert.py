@@ -36,6 +36,7 @@ UPSTREAM_PREFIX = "model.mm_projector."
 NATIVE_PREFIX = "model.multi_modal_projector."  # transformers >= 4.52 / 5.x LlavaForConditionalGeneration
 _UP_TO_NATIVE = {"0": "linear_1", "2": "linear_2"}
 _NATIVE_TO_UP = {v: k for k, v in _UP_TO_NATIVE.items()}
+_UPSTREAM_PREFIXES = ("base_model.model.model.mm_projector.", "model.mm_projector.", "mm_projector.")
 # upstream --mm_projector_type -> the native config's projector_hidden_act
 NATIVE_PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}
 IMAGE_TOKEN = "<image>"
@@ -59,7 +60,7 @@ def upstream_to_native(state: Mapping[str, torch.Tensor], prefix: str = NATIVE_P
     out: StateDict = {}
     forms = set()
     for key, value in state.items():
-        rest = _strip(key, ("base_model.model.model.mm_projector.", "model.mm_projector.", "mm_projector."))
+        rest = _strip(key, _UPSTREAM_PREFIXES)
         if rest is None:
             raise KeyError(f"not an upstream mm_projector key: {key!r}")
         if rest in ("weight", "bias"):  # linear: one nn.Linear
@@ -88,7 +89,7 @@ def identity_layer(like: torch.Tensor, prefix: str) -> StateDict:
 
 def upstream_projector_type(state: Mapping[str, torch.Tensor]) -> str:
     """"linear" or "mlp2x_gelu" from upstream ``mm_projector`` keys (deeper types: KeyError naming them)."""
-    rests = {_strip(k, ("base_model.model.model.mm_projector.", "model.mm_projector.", "mm_projector.")) for k in state}
+    rests = {_strip(k, _UPSTREAM_PREFIXES) for k in state}
     if rests == {"weight", "bias"}:
         return "linear"
     if rests == {"0.weight", "0.bias", "2.weight", "2.bias"}:
@@ -238,9 +239,9 @@ def build_native_llava(llm_dir, vision_dir, out_dir=None, projector=None, vision
             projector_type = upstream_projector_type(projector)
     projector_type = projector_type or "mlp2x_gelu"
     if projector_type not in NATIVE_PROJECTOR_ACT:
-        raise ValueError(f"--mm_projector_type {projector_type}: transformers' LlavaForConditionalGeneration has a "
-                         f"two-layer projector, which computes {' and '.join(NATIVE_PROJECTOR_ACT)} only. Fix: use "
-                         f"one of those, or the upstream host (llava-contrastive train) for deeper mlpNx_gelu.")
+        from llava_contrastive.training.preflight import native_projector_refusal
+
+        raise ValueError(native_projector_refusal(projector_type))
     text_config = AutoConfig.from_pretrained(str(llm_dir))
     vision_config, tower_class, class_token = vision_tower_config(vision_dir)
     patch, size = vision_config.patch_size, vision_config.image_size
@@ -328,8 +329,7 @@ def projector_state(model, upstream: bool = True) -> StateDict:
 
 
 def _is_upstream(state: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("model.mm_projector.", "mm_projector.", "base_model.model.model.mm_projector."))
-               for k in state)
+    return any(k.startswith(_UPSTREAM_PREFIXES) for k in state)
 
 
 def main(argv=None) -> int:

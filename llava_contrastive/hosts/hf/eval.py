@@ -123,6 +123,13 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
         processor = AutoProcessor.from_pretrained(str(model_name_or_path))
         if vision_feature_layer is not None:
             model.config.vision_feature_layer = vision_feature_layer
+        if projector_source is not None:
+            try:
+                convert.load_projector(model, projector_state(projector_source))
+            except (KeyError, RuntimeError, ValueError) as err:
+                raise ValueError(f"{projector_source}: does not fit the native "
+                                 f"{convert.native_projector_type(model.config)} projector of this LLM / "
+                                 f"vision tower ({err})") from err
     elif llm_dir and vision_dir:
         if projector_source is None:
             raise ValueError("--llm_dir/--vision_dir build a fresh projector: pass --projector")
@@ -134,16 +141,8 @@ def build_model(model_name_or_path: Optional[str], llm_dir: Optional[str], visio
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"{projector_source}: does not fit a native projector of this LLM / vision tower "
                              f"({err})") from err
-        projector_source = None
     else:
         raise ValueError("give --model_name_or_path (a native checkpoint), or --llm_dir and --vision_dir")
-    if projector_source is not None:
-        try:
-            convert.load_projector(model, projector_state(projector_source))
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise ValueError(f"{projector_source}: does not fit the native "
-                             f"{convert.native_projector_type(model.config)} projector of this LLM / "
-                             f"vision tower ({err})") from err
     model.config.use_cache = False
     model.to(torch.float32)
     model.requires_grad_(False)

@@ -113,10 +113,14 @@ def build_prompt(turns: Sequence[Tuple[str, str]], eos: str = "</s>", system: st
     return text, spans
 
 
+def user_text(question: str, has_image: bool = True) -> str:
+    """A question as its user turn: ``<image>\\n`` first when it has an image (as upstream places it)."""
+    return (IMAGE_PLACEHOLDER + "\n" + question) if has_image else question
+
+
 def generation_prompt(question: str, has_image: bool = True, system: str = SYSTEM_V1) -> str:
     """``{SYSTEM} USER: <image>\\nquestion ASSISTANT:`` -- what a trained model is prompted with."""
-    q = (IMAGE_PLACEHOLDER + "\n" + question) if has_image else question
-    return f"{system} {USER}: {q} {ASSISTANT}:"
+    return f"{system} {USER}: {user_text(question, has_image)} {ASSISTANT}:"
 
 
 PROMPT_FORMATS = ("v1", "chat_template")
@@ -150,8 +154,7 @@ def build_chat_prompt(tokenizer, turns: Sequence[Tuple[str, str]]) -> Tuple[str,
 
 def chat_generation_prompt(tokenizer, question: str, has_image: bool = True) -> str:
     """One user turn in the tokenizer's chat template, with its generation prompt."""
-    q = (IMAGE_PLACEHOLDER + "\n" + question) if has_image else question
-    return _render(tokenizer, [{"role": "user", "content": q}], generation=True)
+    return _render(tokenizer, [{"role": "user", "content": user_text(question, has_image)}], generation=True)
 
 
 def chat_turn_end_ids(tokenizer) -> List[int]:

@@ -19,8 +19,8 @@ import torch
 from llava_contrastive.evaluation.vqa import (VQAUsageError, has_image, main_for_host, resolve_device, resolve_dtype,
                                                until_eos)
 from llava_contrastive.evaluation.vqa import run as run_vqa
-from llava_contrastive.hosts.hf.instruct_data import (IMAGE_PLACEHOLDER, chat_generation_prompt, chat_turn_end_ids,
-                                                      expand2square, generation_prompt)
+from llava_contrastive.hosts.hf.instruct_data import (chat_generation_prompt, chat_turn_end_ids, expand2square,
+                                                      generation_prompt, user_text)
 
 HOST = "hf"
 CONV_MODES = ("llava_v1", "vicuna_v1", "chat_template", "plain")
@@ -29,7 +29,7 @@ CONV_MODES = ("llava_v1", "vicuna_v1", "chat_template", "plain")
 def question_prompt(question: dict, conv_mode: str, tokenizer=None) -> str:
     """The text prompt of one question (``<image>`` expands to the image tokens in the processor)."""
     if conv_mode == "plain":
-        return (IMAGE_PLACEHOLDER + "\n" if has_image(question) else "") + question["text"]
+        return user_text(question["text"], has_image(question))
     if conv_mode == "chat_template":
         return chat_generation_prompt(tokenizer, question["text"], has_image=has_image(question))
     return generation_prompt(question["text"], has_image=has_image(question))
