@@ -50,16 +50,43 @@ def test_default_run_reproduces_the_readme(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+def _section_rows(heading: str) -> list:
+    readme = (REPO / "README.md").read_text()
+    start = readme.index(heading)
+    section = readme[start:readme.index("\n## ", start + 1)]
+    return [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def _generated_rows(folder: str) -> list:
+    return [line for p in sorted((REPO / "docs" / folder).glob("*.md")) for line in p.read_text().splitlines()
+            if line.startswith("| ")]
+
+
+def _cells(row: str) -> list:
+    return [c.strip() for c in row.strip().strip("|").split("|")]
+
+
 def test_analysis_tables_are_copied_from_the_generated_reports():
     """Every table row of the README's analysis section is a row of a report `ablate` wrote
     (docs/analysis/*.md), character for character: no number there is typed by hand."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("## Across LLM families, vision towers and projectors")
-    section = readme[start:readme.index("\n## ", start + 1)]
-    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    rows = _section_rows("## Across LLM families, vision towers and projectors")
     assert len(rows) >= 10, rows
-    generated = "\n".join(p.read_text() for p in sorted((REPO / "docs" / "analysis").glob("*.md")))
-    missing = [row for row in rows if row not in generated.splitlines()]
+    generated = _generated_rows("analysis")
+    missing = [row for row in rows if row not in generated]
+    assert not missing, missing
+
+
+def test_downstream_tables_are_copied_from_the_generated_reports():
+    """Every table row of the README's downstream section is a row `reproduce` wrote
+    (docs/reproduction/*.md), or, for a table gathered from several reports (one row each), its
+    cells after the row label end a generated row in the same order."""
+    rows = _section_rows("## Downstream: benchmarks, VQA inference, the two-stage reproduction")
+    assert len(rows) >= 30, rows
+    generated = _generated_rows("reproduction")
+    tails = [_cells(g) for g in generated]
+    missing = [row for row in rows if row not in generated
+               and not any(len(t) > len(_cells(row)) - 1 and t[-(len(_cells(row)) - 1):] == _cells(row)[1:]
+                           for t in tails)]
     assert not missing, missing
 
 
