@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,12 +74,29 @@ def command(module: str, args: list[str], nproc: int = 1, force_launcher: bool =
             "--master_port", str(free_port()), "-m", module, *args]
 
 
+def run_killing_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout kills the whole process group: the launcher's ranks too, which
+    would otherwise live on, holding CPU, ports and locks, through the tests after this one."""
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            raise AssertionError(f"{' '.join(cmd)}\ntimed out after {timeout} s (process group killed)\n"
+                                 f"{err[-6000:]}") from None
+        except BaseException:  # pytest-timeout's signal, Ctrl-C
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run(module: str, args: list[str], *, nproc: int = 1, timeout: int = 900, check: bool = True,
         log: Optional[Path] = None, force_launcher: bool = False, extra_env: Optional[dict] = None
         ) -> subprocess.CompletedProcess:
     cmd = command(module, args, nproc, force_launcher)
-    proc = subprocess.run(cmd, cwd=REPO, env={**env(nproc), **(extra_env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_killing_group(cmd, env={**env(nproc), **(extra_env or {})}, timeout=timeout)
     if log is not None:
         log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if check and proc.returncode != 0:

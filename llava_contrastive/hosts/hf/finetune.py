@@ -278,6 +278,10 @@ def main(argv=None):
                         format="%(message)s")
     _check_args(margs, dargs, targs, cargs)
     _stage2_training_args(targs)
+    if targs.deepspeed:  # DeepSpeed's JIT op, past a lock a killed build left (else a silent hang)
+        from llava_contrastive.training.jit_ops import prepare_deepspeed_ops
+
+        prepare_deepspeed_ops()
     init_distributed_for_deepspeed(targs)
     if margs.bits == 8:
         warnings.filterwarnings("ignore", message=".*inputs will be cast from torch.float32 to float16.*")

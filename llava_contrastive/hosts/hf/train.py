@@ -229,6 +229,9 @@ def run(argv=None) -> Trainer:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     run_preflight(argv, host="hf")  # user errors: exit 2 here, before any model loads
+    from llava_contrastive.training.jit_ops import prepare_if_requested
+
+    prepare_if_requested(argv)  # DeepSpeed's JIT op, past a lock a killed build left (else a silent hang)
     argv = strip_flag(argv, "overwrite_output_dir")  # acted on by pre-flight; transformers 5 has no such flag
     parser = HfArgumentParser((ModelArguments, DataArguments, DataCheckArguments, NonFiniteArguments,
                                ElasticArguments, TrainingArguments, ContrastiveArguments))

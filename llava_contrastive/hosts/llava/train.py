@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None, attn_implementation: str | None = None) 
     from llava_contrastive.training.preflight import run_preflight
 
     run_preflight(argv, host="llava")  # user errors: exit 2 here, before torch or any model loads
+    from llava_contrastive.training.jit_ops import prepare_if_requested
+
+    prepare_if_requested(argv)  # DeepSpeed's JIT op, past a lock a killed build left (else a silent hang)
     from llava_contrastive.core.text_cache import TextCacheMismatch
 
     check_pretrained_projector(argv)
