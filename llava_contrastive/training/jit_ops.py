@@ -96,7 +96,7 @@ def torch_build_dir(name: str) -> Path:
     return Path(root) / name
 
 
-def prepare_deepspeed_ops(grace: Optional[float] = None, log: Callable[[str], None] = None):
+def prepare_deepspeed_ops(grace: Optional[float] = None, log: Optional[Callable[[str], None]] = None):
     """Loads the op DeepSpeed's process group start-up loads, clearing a stale build lock first.
     Returns the op module, or None where DeepSpeed would not load it (another accelerator, or the op
     does not build here: DeepSpeed then runs without it too)."""
